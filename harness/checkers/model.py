@@ -1,0 +1,58 @@
+"""What a checker returns: findings and one result per clause."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Outcome = Literal["passed", "failed", "not_exercised"]
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The windows of SPEC.md: W = check period + tolerance, G = start-up grace."""
+
+    check_period: float = 5.0
+    tolerance: float = 1.0
+    grace: float = 30.0
+
+    @property
+    def W(self) -> float:
+        return self.check_period + self.tolerance
+
+    @property
+    def G(self) -> float:
+        return self.grace
+
+
+@dataclass
+class Finding:
+    """One violation: the clause, where, when, the events that prove it, and one line for a person."""
+
+    clause: str
+    explanation: str
+    stage: str | None = None
+    queues: list[str] = field(default_factory=list)
+    start: float | None = None
+    end: float | None = None
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clause": self.clause, "explanation": self.explanation, "stage": self.stage,
+            "queues": self.queues, "start": self.start, "end": self.end, "evidence": self.evidence,
+        }
+
+
+@dataclass
+class ClauseResult:
+    """A clause's outcome for one scenario; ``exercised`` says how often it was put to the test."""
+
+    clause: str
+    outcome: Outcome
+    exercised: str = ""
+    findings: list[Finding] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome == "failed"

@@ -1,0 +1,191 @@
+"""The history: an append-only list of typed, timestamped events.
+
+The observer, the stage launcher and the workload write it; the checkers
+read it. On disk it is JSON Lines (``history.jsonl``), one event per line,
+so that a failed run can be re-checked offline
+(``python -m harness check history.jsonl --scenario s.yaml``).
+
+Every event is a dict with at least ``t`` (seconds since the epoch, on the
+harness's clock) and ``type`` (one of ``EVENT_TYPES``). The fields of each
+type are documented in ``EVENT_TYPES`` and in docs/history.md; bump
+``HISTORY_VERSION`` when a field changes meaning.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+HISTORY_VERSION = 1
+
+# type -> {field: meaning}. The single source for docs/history.md.
+EVENT_TYPES: dict[str, dict[str, str]] = {
+    "run_started": {
+        "version": "HISTORY_VERSION of the writer",
+        "scenario": "scenario name",
+        "vhost": "the test's vhost",
+        "seed": "workload seed",
+    },
+    "run_finished": {"reason": "why the run ended: 'complete', 'time_limit', 'error'"},
+    "stage_started": {
+        "stage": "stage instance name, e.g. 'worker' or 'worker#2' for replicas",
+        "role": "the scenario's stage name (shared by replicas)",
+        "kind": "'explorer' or 'worker'",
+        "pid": "OS process id",
+        "queue_priority": "list of queue names, duplicates removed; [] = feature off",
+        "read_queues": "queues the stage is expected to read (QUEUE_PRIORITY or default)",
+    },
+    "stage_exited": {"stage": "stage instance", "pid": "OS pid", "returncode": "exit code, negative = signal"},
+    "connection_created": {
+        "conn": "broker's connection pid (string)",
+        "name": "'127.0.0.1:PORT -> 127.0.0.1:PORT'",
+        "peer_port": "client's local TCP port",
+        "stage": "stage instance owning it, 'harness' for the harness's own, or null",
+    },
+    "connection_closed": {"conn": "broker's connection pid", "name": "connection name", "stage": "owner or null"},
+    "channel_created": {"chan": "broker's channel pid", "conn": "connection pid", "stage": "owner or null"},
+    "channel_closed": {"chan": "broker's channel pid", "stage": "owner or null"},
+    "queue_created": {"queue": "name", "durable": "bool", "auto_delete": "bool", "arguments": "declare arguments"},
+    "queue_deleted": {"queue": "name"},
+    "consumer_created": {
+        "stage": "owner stage instance or null",
+        "queue": "queue consumed",
+        "tag": "consumer tag",
+        "chan": "broker's channel pid",
+        "prefetch": "prefetch_count",
+    },
+    "consumer_deleted": {"stage": "owner or null", "queue": "queue", "tag": "consumer tag", "chan": "channel pid"},
+    "sample": {"ready": "{queue: ready count, or null when the queue does not exist}"},
+    "publish": {
+        "exchange": "exchange name ('' = default)",
+        "routing_key": "routing key",
+        "stage": "publishing stage instance, 'harness' or null",
+        "msg": "message summary (see harness.messages.summarise)",
+    },
+    "deliver": {
+        "queue": "queue delivered from",
+        "stage": "receiving stage instance or null",
+        "redelivered": "bool",
+        "msg": "message summary",
+    },
+    "output": {"queue": "engine output queue the observer read", "msg": "message summary"},
+    "scan_planned": {
+        "scan": "scan id (harness.messages.scan_id)",
+        "client": "client name",
+        "org": "organisation uuid",
+        "mode": "'full' or 'delta'",
+        "explorer_queue": "queue the spec is published to",
+        "conversion_queue": "queue its conversions must go to",
+        "objects": "relative paths of the objects the scan must produce a result for",
+        "via": "'explorer' (a ScanSpecMessage) or 'conversions' (ConversionMessages published directly)",
+    },
+    "fault": {"kind": "fault kind", "target": "stage or queue", "detail": "free text"},
+    "phase": {"name": "a marker, e.g. 'flood_done', 'stages_ready'"},
+}
+
+
+class HistoryError(ValueError):
+    """A history file that cannot be read: names the file, line and reason."""
+
+
+def make_event(type_: str, t: float | None = None, **fields: Any) -> dict[str, Any]:
+    if type_ not in EVENT_TYPES:
+        raise ValueError(f"unknown history event type {type_!r}")
+    return {"t": time.time() if t is None else t, "type": type_, **fields}
+
+
+class HistoryWriter:
+    """Thread-safe JSONL writer; also keeps the events in memory for the checkers."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._file = open(path, "w", encoding="utf-8") if path else None
+
+    def record(self, type_: str, t: float | None = None, **fields: Any) -> dict[str, Any]:
+        event = make_event(type_, t, **fields)
+        line = json.dumps(event, separators=(",", ":"), default=str)
+        with self._lock:
+            self.events.append(event)
+            if self._file:
+                self._file.write(line + "\n")
+        return event
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._file:
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file:
+                self._file.close()
+                self._file = None
+
+    def history(self) -> "History":
+        with self._lock:
+            return History(list(self.events))
+
+
+def read_events(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise HistoryError(f"{path}:{number}: not JSON: {exc.msg}") from None
+            if not isinstance(event, dict) or "t" not in event or "type" not in event:
+                raise HistoryError(f"{path}:{number}: an event needs 't' and 'type'")
+            yield event
+
+
+@dataclass
+class History:
+    """Events sorted by time, with the lookups every checker needs."""
+
+    events: list[dict[str, Any]]
+    by_type: dict[str, list[dict[str, Any]]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events.sort(key=lambda e: e["t"])  # stable: keeps write order for ties
+        self.by_type = {}
+        for event in self.events:
+            self.by_type.setdefault(event["type"], []).append(event)
+
+    @classmethod
+    def load(cls, path: Path) -> "History":
+        return cls(list(read_events(Path(path))))
+
+    def of(self, *types: str) -> list[dict[str, Any]]:
+        if len(types) == 1:
+            return self.by_type.get(types[0], [])
+        return [e for e in self.events if e["type"] in types]
+
+    @property
+    def start(self) -> float:
+        return self.events[0]["t"] if self.events else 0.0
+
+    @property
+    def end(self) -> float:
+        return self.events[-1]["t"] if self.events else 0.0
+
+    def stages(self) -> list[dict[str, Any]]:
+        return self.of("stage_started")
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.events)
+
+
+def write_events(path: Path, events: Iterable[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for event in events:
+            f.write(json.dumps(event, separators=(",", ":"), default=str) + "\n")
