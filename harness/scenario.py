@@ -89,6 +89,7 @@ class Phase(Strict):
     when: Trigger | None = None
     rate: Annotated[float, Field(gt=0)] | None = None  # messages per second; None = as fast as possible
     via: Literal["explorer", "conversions"] = "explorer"
+    old_files: Annotated[int, Field(ge=0, le=100_000)] | None = None  # delta: files before the cutoff; default objects // 2
 
 
 class Fault(Strict):
