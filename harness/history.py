@@ -189,3 +189,12 @@ def write_events(path: Path, events: Iterable[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for event in events:
             f.write(json.dumps(event, separators=(",", ":"), default=str) + "\n")
+
+
+def markdown_table() -> str:
+    """The event table of docs/history.md, generated from EVENT_TYPES."""
+    rows = ["| event type | field | meaning |", "|---|---|---|"]
+    for type_, fields in EVENT_TYPES.items():
+        rows.append(f"| `{type_}` | `t` | seconds since the epoch, harness clock |")
+        rows += [f"| | `{name}` | {meaning} |" for name, meaning in fields.items()]
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,242 @@
+"""Runs one scenario end to end and returns its history and verdict.
+
+The order is DESIGN.md's data flow: observer first (so it sees every stage
+connect), then the stages, then the workload; when every planned object has
+a result (or the time limit passes) the stages are stopped, the history is
+closed and the checkers judge it. Everything that touches the network is
+here or below; the verdict is a pure function of the history.
+"""
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.broker import Broker
+from harness.checkers import check_all
+from harness.checkers.model import ClauseResult, Windows
+from harness.flood import Flood
+from harness.history import HISTORY_VERSION, History, HistoryWriter
+from harness.observer import Observer
+from harness.scenario import Phase, Scenario
+from harness.stages import StageExited, StageLauncher
+from harness.workload import Workload
+
+Progress = Callable[[str], None]
+
+
+class ScenarioRunError(Exception):
+    """The run itself could not be carried out (a stage died, never connected, ...)."""
+
+
+@dataclass
+class EngineSettings:
+    """How to start the engine under test: a command template and extra environment."""
+
+    command: list[str] | str | None = None  # None = the bundled reference engine
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    scenario: Scenario
+    windows: Windows
+    history: History
+    results: list[ClauseResult]
+    report_dir: Path
+    reason: str
+    timeline: Path | None = None
+
+    def result(self, clause: str) -> ClauseResult:
+        for result in self.results:
+            if result.clause == clause:
+                return result
+        raise KeyError(f"{clause} was not judged in scenario {self.scenario.name}")
+
+    @property
+    def failed(self) -> list[ClauseResult]:
+        return [r for r in self.results if r.failed]
+
+
+class _ResultCounter:
+    """Counts results (matches or problems for a planned object) as output events arrive."""
+
+    def __init__(self, writer: HistoryWriter):
+        self.writer = writer
+        self.position = 0
+        self.seen: set[tuple[str, str]] = set()
+
+    def update(self) -> int:
+        events = self.writer.events
+        end = len(events)
+        for event in events[self.position:end]:
+            if event["type"] != "output":
+                continue
+            msg = event.get("msg") or {}
+            if msg.get("type") in ("MatchesMessage", "ProblemMessage") and event.get("queue") != "os2ds_checkups":
+                self.seen.add((msg.get("scan"), msg.get("object")))
+        self.position = end
+        return len(self.seen)
+
+
+class ScenarioRun:
+    """One run of one scenario on one vhost."""
+
+    def __init__(self, scenario: Scenario, broker: Broker, vhost: str, windows: Windows,
+                 engine: EngineSettings, report_dir: Path, data_dir: Path, progress: Progress | None = None):
+        self.scenario = scenario
+        self.broker = broker
+        self.vhost = vhost
+        self.windows = windows
+        self.engine = engine
+        self.report_dir = report_dir
+        self.data_dir = data_dir
+        self.say = progress or (lambda text: None)
+        self.history = HistoryWriter(report_dir / "history.jsonl")
+        self.expected: set[tuple[str, str]] = set()
+        self.publish_errors: list[BaseException] = []
+        self._publishers: list[threading.Thread] = []
+
+    # -- the run -----------------------------------------------------------
+    def run(self) -> str:
+        scenario = self.scenario
+        self.history.record("run_started", version=HISTORY_VERSION, scenario=scenario.name,
+                            vhost=self.vhost, seed=scenario.seed)
+        observer = Observer(self.broker, self.vhost, self.history, scenario.queues)
+        launcher = StageLauncher(self.engine.command, self.engine.env, self.broker, self.vhost,
+                                 self.report_dir, self.history, observer)
+        reason = "error"
+        try:
+            observer.start()
+            self.workload = Workload(scenario, self.data_dir)
+            self.flood = Flood(self.broker.connection_parameters(self.vhost))
+            first = [s for s in scenario.stages if s.start == "immediately"]
+            later = [s for s in scenario.stages if s.start == "after_workload"]
+            self._start_stages(launcher, observer, first)
+            reason = self._drive(launcher, observer, later)
+        finally:
+            self.history.record("phase", name="teardown")
+            launcher.stop_all()
+            observer.stop()
+            self.history.record("run_finished", reason=reason)
+            self.history.close()
+            if getattr(self, "flood", None) is not None:
+                self.flood.close()
+        return reason
+
+    def _start_stages(self, launcher: StageLauncher, observer: Observer, stages) -> None:
+        if not stages:
+            return
+        instances = []
+        for stage in stages:
+            instances += launcher.start(stage)
+        self.say(f"started {', '.join(p.name for p in instances)}; waiting for their consumers (G = {self.windows.G:g} s)")
+        deadline = time.monotonic() + self.windows.G
+        waiting = {p.name for p in instances}
+        while waiting:
+            self._raise_if_exited(launcher)
+            waiting = {name for name in waiting if not observer.consumers_of(name)}
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {p.name} (last lines) ---\n{p.tail(40)}" for p in instances if p.name in waiting)
+                raise ScenarioRunError(f"QP-DECLARE: stage(s) {', '.join(sorted(waiting))} did not start consuming "
+                                       f"within G = {self.windows.G:g} s\n{tails}")
+            time.sleep(0.05)
+        self.history.record("phase", name="stages_ready", stages=[p.name for p in instances])
+
+    def _drive(self, launcher: StageLauncher, observer: Observer, later) -> str:
+        scenario = self.scenario
+        started = time.monotonic()
+        deadline = started + scenario.time_limit
+        pending = list(enumerate(scenario.workload))
+        counter = _ResultCounter(self.history)
+        later_started = not later
+        while True:
+            now = time.monotonic()
+            self._raise_if_exited(launcher)
+            if self.publish_errors:
+                raise ScenarioRunError(f"publishing the workload failed: {self.publish_errors[0]}")
+            for index, phase in list(pending):
+                if self._phase_due(phase, now - started, observer):
+                    pending.remove((index, phase))
+                    self._launch_phase(index, phase)
+            flooding = pending or any(t.is_alive() for t in self._publishers)
+            if not flooding and not later_started:
+                self.history.record("phase", name="flood_done")
+                self._start_stages(launcher, observer, later)
+                later_started = True
+            done = counter.update()
+            if not flooding and later_started and done >= len(self.expected):
+                self.say(f"all {len(self.expected)} objects have a result")
+                self._settle(launcher)
+                return "complete"
+            if now > deadline:
+                self.say(f"time limit {scenario.time_limit:g} s reached with {done}/{len(self.expected)} results")
+                return "time_limit"
+            time.sleep(0.05)
+
+    def _settle(self, launcher: StageLauncher) -> None:
+        # A short look after the last result, so duplicates and late cancels are seen.
+        end = time.monotonic() + min(1.0, self.windows.W)
+        while time.monotonic() < end:
+            self._raise_if_exited(launcher)
+            time.sleep(0.05)
+
+    # -- workload ----------------------------------------------------------
+    def _phase_due(self, phase: Phase, elapsed: float, observer: Observer) -> bool:
+        if phase.when is not None:
+            ready = observer.ready(phase.when.queue)
+            return ready is not None and ready >= phase.when.ready_at_least
+        return elapsed >= phase.at
+
+    def _launch_phase(self, index: int, phase: Phase) -> None:
+        planned = self.workload.plan(index)
+        messages: list[tuple[str, Any]] = []
+        for scan in planned:
+            self.history.record("scan_planned", **scan.as_event())
+            self.expected.update((scan.scan, obj) for obj in scan.objects)
+            messages += scan.messages
+        self.history.record("phase", name=f"workload.{index}", client=phase.client, mode=phase.mode,
+                            messages=len(messages))
+        self.say(f"workload.{index}: {len(planned)} {phase.mode} scan(s) of {phase.client}, {len(messages)} message(s)")
+        thread = threading.Thread(target=self._publish, args=(messages, phase.rate), daemon=True,
+                                  name=f"flood-{index}")
+        self._publishers.append(thread)
+        thread.start()
+
+    def _publish(self, messages: list[tuple[str, Any]], rate: float | None) -> None:
+        try:
+            by_queue: dict[str, list[Any]] = {}
+            for queue, body in messages:
+                by_queue.setdefault(queue, []).append(body)
+            for queue, bodies in by_queue.items():
+                self.flood.publish(queue, bodies, rate=rate)
+        except BaseException as exc:  # reported by the driving loop
+            self.publish_errors.append(exc)
+
+    def _raise_if_exited(self, launcher: StageLauncher) -> None:
+        exits = launcher.poll()
+        if exits:
+            raise StageExited.from_exits(exits) if hasattr(StageExited, "from_exits") else exits[0]
+
+
+def prepare_report_dir(root: Path, test_id: str) -> Path:
+    safe = "".join(ch if ch.isalnum() or ch in "-_.[]" else "_" for ch in test_id).strip("_")
+    path = root / safe
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def run_scenario(scenario: Scenario, broker: Broker, vhost: str, windows: Windows, engine: EngineSettings,
+                 report_dir: Path, data_dir: Path, progress: Progress | None = None) -> RunResult:
+    run = ScenarioRun(scenario, broker, vhost, windows, engine, report_dir, data_dir, progress)
+    reason = run.run()
+    history = History.load(report_dir / "history.jsonl")
+    results = check_all(history, scenario, windows)
+    return RunResult(scenario, windows, history, results, report_dir, reason)

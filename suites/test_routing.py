@@ -1,0 +1,20 @@
+"""RT-*: message types per queue, tenant routing, routability, broadcast."""
+import pytest
+
+from harness.scenario_plugin import assert_clauses, assert_scenario
+
+HERE = "suites/clause_scenarios"
+
+
+@pytest.mark.clauses("RT-ONE-TYPE", "RT-TENANT", "RT-ROUTABLE", "RT-BROADCAST")
+def test_two_tenants_stay_apart(scenario_runner):
+    run = scenario_runner(f"{HERE}/tenants.yaml")
+    assert_clauses(run, "RT-ONE-TYPE", "RT-TENANT", "RT-ROUTABLE")
+    # No command is sent in this scenario: RT-BROADCAST may not be exercised, but must not fail.
+    assert not run.result("RT-BROADCAST").failed
+
+
+@pytest.mark.clauses("CF-ALIGN", "RT-ROUTABLE")
+def test_misrouted_conversions_are_caught(scenario_runner):
+    run = scenario_runner(f"{HERE}/misrouted.yaml")
+    assert_scenario(run)
