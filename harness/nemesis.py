@@ -1,0 +1,106 @@
+"""The nemesis: carries out a scenario's ``faults:`` at their time or trigger.
+
+Each fault is recorded in the history as a ``fault`` event *before* it is
+applied, so checkers can judge the engine's behaviour around it (FT-*), and
+so that other clauses know which disturbances were on purpose.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Callable
+
+import pika
+
+from harness.broker import Broker
+from harness.history import HistoryWriter
+from harness.messages import encode_body
+from harness.scenario import Fault
+
+POISON_BODIES = {
+    "not_json": b"\x00this is not JSON {",
+    "missing_fields": encode_body({"scan_tag": {"note": "fields the stage needs are missing"}, "hello": 1}),
+}
+
+
+class NemesisError(RuntimeError):
+    """A fault could not be applied (no such stage, no connection to close, ...)."""
+
+
+class Nemesis:
+    def __init__(self, faults: list[Fault], broker: Broker, vhost: str, history: HistoryWriter,
+                 launcher, observer, say: Callable[[str], None]):
+        self.pending = list(enumerate(faults))
+        self.broker = broker
+        self.vhost = vhost
+        self.history = history
+        self.launcher = launcher
+        self.observer = observer
+        self.say = say
+        self.threads: list[threading.Thread] = []
+        # Stage instances a fault stopped on purpose: their exit is no error.
+        self.expected_exits: set[str] = set()
+
+    def tick(self, elapsed: float) -> None:
+        for index, fault in list(self.pending):
+            if self._due(fault, elapsed):
+                self.pending.remove((index, fault))
+                self.apply(index, fault)
+
+    def _due(self, fault: Fault, elapsed: float) -> bool:
+        if fault.when is not None:
+            ready = self.observer.ready(fault.when.queue)
+            return ready is not None and ready >= fault.when.ready_at_least and elapsed >= fault.at
+        return elapsed >= fault.at
+
+    def apply(self, index: int, fault: Fault) -> None:
+        self.history.record("fault", kind=fault.kind, target=fault.target, detail=f"faults.{index}",
+                            params=fault.params)
+        self.say(f"fault faults.{index}: {fault.kind} {fault.target or ''}".rstrip())
+        handler = getattr(self, f"_{fault.kind}", None)
+        if handler is None:
+            raise NemesisError(f"faults.{index}.kind: unknown fault kind {fault.kind!r}")
+        handler(fault)
+
+    # -- the faults ----------------------------------------------------------
+    def _delete_queue(self, fault: Fault) -> None:
+        with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
+            connection.channel().queue_delete(fault.target)
+
+    def _close_connection(self, fault: Fault) -> None:
+        names = self.observer.connections_of(fault.target)
+        if not names:
+            raise NemesisError(f"close_connection: stage {fault.target!r} has no open connection")
+        for name in names:
+            self.broker.management.close_connection(name, "qp-harness fault: close_connection")
+
+    def _kill_stage(self, fault: Fault) -> None:
+        self.expected_exits.add(fault.target)
+        self.launcher.kill(fault.target, signal.SIGKILL)
+        if fault.params.get("restart"):
+            self.launcher.restart(fault.target)
+
+    def _pause_stage(self, fault: Fault) -> None:
+        seconds = float(fault.params.get("seconds", 3))
+        self.launcher.kill(fault.target, signal.SIGSTOP)
+
+        def resume() -> None:
+            time.sleep(seconds)
+            self.history.record("fault", kind="resume_stage", target=fault.target, detail="end of pause_stage")
+            self.launcher.kill(fault.target, signal.SIGCONT)
+
+        thread = threading.Thread(target=resume, daemon=True, name="nemesis-resume")
+        self.threads.append(thread)
+        thread.start()
+
+    def _poison(self, fault: Fault) -> None:
+        shape = fault.params.get("shape", "not_json")
+        body = POISON_BODIES[shape]
+        count = int(fault.params.get("count", 1))
+        with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for _ in range(count):
+                channel.basic_publish("", fault.target, body,
+                                      pika.BasicProperties(delivery_mode=2, content_encoding="gzip"))
