@@ -1,0 +1,387 @@
+"""One running stage: connection, priority check on its own clock, one message per turn.
+
+The loop (DESIGN.md, "a check tied to message flow never runs under load"):
+
+    while running:
+        service the connection briefly (deliveries go to our own inbox)
+        if now >= next_check: run the priority check (passive declares + decide)
+        handle ONE message from the inbox (publish outputs with confirms, then ack)
+
+so the check runs between messages whatever the load.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pika
+import pika.exceptions as pex
+
+from . import messages
+from .config import DEFAULT_READ_QUEUE, Settings
+from .priority import decide, ranked
+
+log = logging.getLogger("reference_engine.stage")
+
+BROADCAST_EXCHANGE = "broadcast"
+MAX_CONNECT_FAILURES = 12
+RECENT_OUTPUTS = 5
+
+
+@dataclass
+class Output:
+    queue: str
+    body: dict
+    mandatory: bool = False
+    on_return: dict | None = None  # published to os2ds_problems if the broker returns the message
+
+
+@dataclass
+class Delivery:
+    queue: str
+    consumer_tag: str | None
+    delivery_tag: int
+    properties: pika.BasicProperties
+    body: bytes
+
+
+class StageExit(Exception):
+    """The stage decided to exit with this code (faults that crash on purpose)."""
+
+    def __init__(self, code: int, why: str):
+        super().__init__(why)
+        self.code = code
+
+
+class Stage:
+    def __init__(self, settings: Settings, handler: Callable[[dict, str], list[Output]],
+                 problem_queues: tuple[str, ...] = ("os2ds_problems",)):
+        self.settings = settings
+        self.handler = handler
+        self.problem_queues = problem_queues
+        self.stopping = False
+        self.aborted: set = set()
+        self.recent_outputs: collections.deque[list[Output]] = collections.deque(maxlen=RECENT_OUTPUTS)
+        self.handled = 0
+        self._reset()
+
+    # -- state per connection -------------------------------------------------
+    def _reset(self) -> None:
+        self.connection: pika.BlockingConnection | None = None
+        self.channel = None
+        self.passive_channel = None
+        self.consuming: dict[str, str] = {}  # queue -> consumer tag
+        self.tag_queue: dict[str, str] = {}  # consumer tag -> queue
+        self.inbox: collections.deque[Delivery] = collections.deque()
+        self.commands: collections.deque[Delivery] = collections.deque()
+        self.seen_queues: set[str] = set()
+        self.gone: str | None = None
+
+    # -- entry point ----------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        failures = 0
+        backoff = 0.5
+        connected_once = False
+        while not self.stopping:
+            try:
+                self._connect()
+                failures, backoff = 0, 0.5
+                if connected_once and self.settings.has("dup_after_reconnect"):
+                    self._republish_recent()
+                connected_once = True
+                self._serve()
+            except StageExit as exc:
+                log.error("exiting with code %d: %s", exc.code, exc)
+                self._close()
+                return exc.code
+            except (pex.AMQPConnectionError, pex.AMQPChannelError, pex.ConnectionWrongStateError,
+                    pex.ChannelWrongStateError, OSError) as exc:
+                self._close()
+                if self.stopping:
+                    break
+                if connected_once and self.settings.has("no_reconnect"):
+                    log.error("connection lost (%r); not reconnecting (fault no_reconnect)", exc)
+                    return 5
+                failures += 1
+                if failures > MAX_CONNECT_FAILURES:
+                    log.error("broker unreachable after %d attempts: %r", failures - 1, exc)
+                    return 1
+                log.warning("connection lost or refused (%r); reconnecting in %.1f s", exc, backoff)
+                self._pause(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                pass
+        self._shutdown()
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("signal %d: stopping after the message in hand", signum)
+        self.stopping = True
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    # -- connection set-up ----------------------------------------------------
+    def _parameters(self) -> pika.ConnectionParameters:
+        s = self.settings
+        return pika.ConnectionParameters(
+            host=s.amqp_host, port=s.amqp_port, virtual_host=s.amqp_vhost,
+            credentials=pika.PlainCredentials(s.amqp_user, s.amqp_password),
+            heartbeat=60, blocked_connection_timeout=300, connection_attempts=1, socket_timeout=5)
+
+    def _connect(self) -> None:
+        self._reset()
+        s = self.settings
+        self.connection = pika.BlockingConnection(self._parameters())
+        ch = self.connection.channel()
+        self.channel = ch
+        ch.confirm_delivery()
+        ch.basic_qos(prefetch_count=s.prefetch, global_qos=False)
+        ch.add_on_cancel_callback(self._on_broker_cancel)
+        declared = []
+        for q in self._queues_to_declare():
+            ch.queue_declare(q, durable=True)
+            declared.append(q)
+        ch.exchange_declare(BROADCAST_EXCHANGE, exchange_type="fanout", durable=True)
+        result = ch.queue_declare("", durable=False, exclusive=False, auto_delete=True,
+                                  arguments={"x-max-priority": 10})
+        command_queue = result.method.queue
+        ch.queue_bind(command_queue, BROADCAST_EXCHANGE, routing_key="")
+        ch.basic_consume(command_queue, self._on_command, auto_ack=False)
+        self.passive_channel = self.connection.channel()
+        log.info("%s connected to %s:%s vhost %s; queues %s; declared %s",
+                 s.stage, s.amqp_host, s.amqp_port, s.amqp_vhost, " ".join(s.read_queues),
+                 " ".join(declared))
+
+    def _queues_to_declare(self) -> list[str]:
+        s = self.settings
+        base = [DEFAULT_READ_QUEUE[s.stage], *s.output_queues]
+        priority = [] if s.has("no_declare") else list(s.queue_priority)
+        out: list[str] = []
+        for q in [*priority, *base]:
+            if q not in out:
+                out.append(q)
+        return out
+
+    def _close(self) -> None:
+        conn = self.connection
+        self.connection = None
+        if conn is not None:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:  # noqa: BLE001 - the connection may already be gone
+                pass
+
+    def _shutdown(self) -> None:
+        conn = self.connection
+        if conn is None or not conn.is_open:
+            return
+        try:
+            for queue in list(self.consuming):
+                self._cancel(queue)
+            for item in list(self.inbox):
+                self.channel.basic_reject(item.delivery_tag, requeue=True)
+            self.inbox.clear()
+        except Exception:  # noqa: BLE001
+            pass
+        self._close()
+        log.info("stopped after %d messages", self.handled)
+
+    # -- callbacks (they only record; the loop acts) --------------------------
+    def _on_message(self, channel, method, properties, body) -> None:
+        queue = self.tag_queue.get(method.consumer_tag, method.routing_key)
+        self.inbox.append(Delivery(queue, method.consumer_tag, method.delivery_tag, properties, body))
+
+    def _on_command(self, channel, method, properties, body) -> None:
+        self.commands.append(Delivery("", method.consumer_tag, method.delivery_tag, properties, body))
+
+    def _on_broker_cancel(self, method_frame) -> None:
+        tag = method_frame.method.consumer_tag
+        queue = self.tag_queue.pop(tag, None)
+        if queue is not None and self.consuming.get(queue) == tag:
+            del self.consuming[queue]
+            log.warning("broker cancelled the consumer on %s (queue deleted?)", queue)
+            if self.settings.has("die_on_queue_gone"):
+                self.gone = queue
+
+    # -- the loop -------------------------------------------------------------
+    def _serve(self) -> None:
+        s = self.settings
+        period = s.effective_check_seconds
+        next_check = time.monotonic()
+        if s.has("consume_all_at_start"):
+            for q in s.read_queues:
+                if self._ready(q) is not None:
+                    self._start(q)
+            next_check = time.monotonic() + 8 * period + 2.0
+        while not self.stopping:
+            self.connection.process_data_events(time_limit=0)
+            if self.gone:
+                raise StageExit(4, f"queue {self.gone} is gone (fault die_on_queue_gone)")
+            while self.commands:
+                self._handle_command(self.commands.popleft())
+            now = time.monotonic()
+            if now >= next_check:
+                self._check()
+                next_check = time.monotonic() + period
+                if self.gone:
+                    raise StageExit(4, f"queue {self.gone} is gone (fault die_on_queue_gone)")
+            if self.inbox:
+                self._handle(self.inbox.popleft())
+            else:
+                wait = max(0.0, min(0.05, next_check - time.monotonic()))
+                self.connection.process_data_events(time_limit=wait)
+
+    # -- priority check -------------------------------------------------------
+    def _ready(self, queue: str) -> int | None:
+        """Ready messages in ``queue`` (passive declare), or None when it does not exist."""
+        try:
+            if self.passive_channel is None or not self.passive_channel.is_open:
+                self.passive_channel = self.connection.channel()
+            result = self.passive_channel.queue_declare(queue, passive=True)
+        except pex.ChannelClosedByBroker as exc:
+            self.passive_channel = None
+            if exc.reply_code == 404:
+                if queue in self.seen_queues and self.settings.has("die_on_queue_gone"):
+                    self.gone = queue
+                return None
+            raise
+        self.seen_queues.add(queue)
+        return result.method.message_count
+
+    def _check(self) -> None:
+        s = self.settings
+        queues = s.read_queues
+        ready = {q: self._ready(q) for q in queues}
+        decision = decide(queues, frozenset(self.consuming), ready, s.faults)
+        for q in decision.cancel:
+            self._cancel(q)
+        for q in decision.start:
+            self._start(q)
+        if decision.is_switch:
+            log.info("priority check: ready %s; cancelled %s; started %s; consuming %s",
+                     ready, list(decision.cancel), list(decision.start), list(self.consuming))
+        if s.has("get_ahead"):
+            self._get_ahead(queues, ready)
+
+    def _start(self, queue: str) -> None:
+        if queue in self.consuming:
+            return
+        tag = self.channel.basic_consume(queue, self._on_message, auto_ack=False)
+        self.consuming[queue] = tag
+        self.tag_queue[tag] = queue
+
+    def _cancel(self, queue: str) -> None:
+        tag = self.consuming.pop(queue, None)
+        if tag is None:
+            return
+        self.tag_queue.pop(tag, None)
+        self.channel.basic_cancel(tag)
+        # Messages this consumer had prefetched go back to their queue (or, with the
+        # ack_on_cancel fault, are acked without being processed: lost).
+        keep = collections.deque()
+        for item in self.inbox:
+            if item.consumer_tag != tag:
+                keep.append(item)
+            elif self.settings.has("ack_on_cancel"):
+                self.channel.basic_ack(item.delivery_tag)
+            else:
+                self.channel.basic_reject(item.delivery_tag, requeue=True)
+        self.inbox = keep
+
+    def _get_ahead(self, queues: list[str], ready: dict) -> None:
+        order = ranked(queues, self.settings.faults)
+        nonempty = [q for q in order if (ready.get(q) or 0) > 0]
+        if len(nonempty) < 2:
+            return
+        method, properties, body = self.channel.basic_get(nonempty[1], auto_ack=False)
+        if method is not None:
+            self.inbox.appendleft(Delivery(nonempty[1], None, method.delivery_tag, properties, body))
+
+    # -- commands -------------------------------------------------------------
+    def _handle_command(self, item: Delivery) -> None:
+        try:
+            command = messages.parse_command(messages.decode(item.body, item.properties.content_encoding))
+        except messages.PoisonMessage as exc:
+            log.warning("ignoring a broadcast message that is not a command: %s", exc)
+            self.channel.basic_ack(item.delivery_tag)
+            return
+        if isinstance(command["abort"], dict):
+            key = messages.scan_key(command["abort"])
+            self.aborted.add(key)
+            log.info("abort: dropping the rest of scan %s", key)
+        if isinstance(command["log_level"], str):
+            logging.getLogger().setLevel(command["log_level"].upper())
+        if self.settings.has("command_via_queue") and self.settings.stage == "explorer":
+            self._publish([Output(messages.DEFAULT_CONVERSION_QUEUE, command)])
+        self.channel.basic_ack(item.delivery_tag)
+
+    # -- data messages --------------------------------------------------------
+    def _handle(self, item: Delivery) -> None:
+        s = self.settings
+        try:
+            obj = messages.decode(item.body, item.properties.content_encoding)
+        except messages.PoisonMessage as exc:
+            self._poison(item, None, exc)
+            return
+        key = messages.scan_key(messages.best_effort_tag(obj))
+        if key is not None and key in self.aborted:
+            self.channel.basic_reject(item.delivery_tag, requeue=False)
+            log.debug("dropped a message of aborted scan %s", key)
+            return
+        if s.work_seconds > 0:
+            self.connection.sleep(s.work_seconds)
+        try:
+            outputs = self.handler(obj, item.queue)
+        except (pex.AMQPError, StageExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a message we cannot use is poison
+            self._poison(item, obj, exc)
+            return
+        self._publish(outputs)
+        self.channel.basic_ack(item.delivery_tag)
+        self.recent_outputs.append(outputs)
+        self.handled += 1
+
+    def _publish(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            try:
+                self.channel.basic_publish("", out.queue, messages.encode(out.body),
+                                           properties=messages.DATA_PROPERTIES,
+                                           mandatory=out.mandatory)
+            except pex.UnroutableError:
+                if out.on_return is None:
+                    raise
+                log.warning("queue %s does not exist; reporting a problem", out.queue)
+                for q in self.problem_queues:
+                    self.channel.basic_publish("", q, messages.encode(out.on_return),
+                                               properties=messages.DATA_PROPERTIES)
+
+    def _poison(self, item: Delivery, obj, exc: Exception) -> None:
+        s = self.settings
+        log.warning("unusable message from %s: %s", item.queue, exc)
+        if s.has("crash_on_poison"):
+            raise StageExit(3, f"unusable message from {item.queue} (fault crash_on_poison)")
+        if s.has("requeue_poison"):
+            self.channel.basic_nack(item.delivery_tag, requeue=True)
+            return
+        body = messages.problem(messages.best_effort_tag(obj),
+                                f"Unusable message in queue {item.queue}: {exc}")
+        self._publish([Output(q, body) for q in self.problem_queues])
+        self.channel.basic_reject(item.delivery_tag, requeue=False)
+
+    def _republish_recent(self) -> None:
+        batches = list(self.recent_outputs)
+        log.warning("republishing the outputs of %d earlier messages (fault dup_after_reconnect)",
+                    len(batches))
+        for outputs in batches:
+            self._publish(outputs)
