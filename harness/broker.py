@@ -1,16 +1,19 @@
 """Broker provisioning: a real RabbitMQ for the session, a fresh vhost per test.
 
 ``Broker`` is what a test sees (addresses, credentials, a management client).
-Providers make one: ``LocalBroker`` runs a private ``rabbitmq-server`` from
-the local install under a directory of its own.
+``LocalBroker`` runs a private ``rabbitmq-server`` from the local install under
+a directory of its own; ``harness.providers`` chooses between it, a Docker
+container and an external broker.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +22,12 @@ from urllib.parse import quote
 import pika
 import requests
 
+from harness import watchdog
+
 RABBITMQ_BIN_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/local/lib/rabbitmq/bin", "/opt/rabbitmq/sbin")
 PLUGINS = "rabbitmq_management,rabbitmq_event_exchange"
+EVENT_EXCHANGE = "amq.rabbitmq.event"
+CLAIMS_DIR = Path(os.environ.get("QP_HARNESS_CLAIMS_DIR", Path(tempfile.gettempdir()) / "qp-harness-claims"))
 
 
 class BrokerError(RuntimeError):
@@ -47,6 +54,20 @@ class ManagementClient:
 
     def overview(self) -> dict:
         return self._call("GET", "overview").json()
+
+    def node(self, name: str) -> dict:
+        return self._call("GET", "nodes", name).json()
+
+    def whoami(self) -> dict:
+        return self._call("GET", "whoami").json()
+
+    def vhost(self, vhost: str) -> dict | None:
+        """The vhost's record (``tracing`` included), or None if it does not exist."""
+        response = self._call("GET", "vhosts", vhost, ok=(200, 404))
+        return response.json() if response.status_code == 200 else None
+
+    def exchange_exists(self, vhost: str, exchange: str) -> bool:
+        return self._call("GET", "exchanges", vhost, exchange, ok=(200, 404)).status_code == 200
 
     def create_vhost(self, vhost: str, tracing: bool = True) -> None:
         # "tracing": true switches the firehose on for the vhost (as rabbitmqctl trace_on).
@@ -84,6 +105,8 @@ class Broker:
     user: str
     password: str
     provider: str
+    #: process groups the provider started (local provider), for diagnostics and tests
+    process_groups: list[int] = field(default_factory=list, repr=False)
     management: ManagementClient = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,14 +124,79 @@ class Broker:
         )
 
 
+def amqp_answers(broker: Broker, vhost: str = "/") -> bool:
+    """True when a full AMQP handshake (login included) succeeds."""
+    try:
+        connection = pika.BlockingConnection(broker.connection_parameters(
+            vhost, connection_attempts=1, socket_timeout=2, blocked_connection_timeout=2))
+    except pika.exceptions.AMQPError:
+        return False
+    try:
+        connection.close()
+    except pika.exceptions.AMQPError:
+        pass
+    return True
+
+
+def readiness_problem(broker: Broker) -> str | None:
+    """What is not ready yet (None when ready): AMQP answers, node started, event exchange on."""
+    if not amqp_answers(broker):
+        return "AMQP does not answer"
+    try:
+        overview = broker.management.overview()
+        if not broker.management.node(overview["node"]).get("running"):
+            return f"node {overview['node']} does not report running"
+        if not broker.management.exchange_exists("/", EVENT_EXCHANGE):
+            return f"exchange {EVENT_EXCHANGE} missing (plugin rabbitmq_event_exchange not enabled)"
+    except (requests.RequestException, BrokerError, KeyError) as error:
+        return f"management API: {error}"
+    return None
+
+
+# --------------------------------------------------------------------------- ports
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def find_rabbitmq_bin() -> Path | None:
-    for directory in RABBITMQ_BIN_DIRS:
+class PortClaims:
+    """Free loopback ports, each claimed by an exclusive lock file.
+
+    The lock (``flock`` on ``CLAIMS_DIR/port-N.lock``) is held from the choice
+    of a port until the broker has bound it, so no two harness processes on
+    this machine (xdist workers, parallel runs) ever hand out the same port;
+    the kernel drops the lock if the holder dies, so claims never go stale.
+    """
+
+    def __init__(self) -> None:
+        self._files: list = []
+
+    def claim(self) -> int:
+        CLAIMS_DIR.mkdir(parents=True, exist_ok=True)
+        for _ in range(200):
+            port = free_port()
+            handle = open(CLAIMS_DIR / f"port-{port}.lock", "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            self._files.append(handle)
+            return port
+        raise BrokerError("could not claim a free loopback port")
+
+    def release(self) -> None:
+        for handle in self._files:
+            handle.close()
+        self._files.clear()
+
+
+# --------------------------------------------------------------------------- local provider
+
+def find_rabbitmq_bin(extra: str | Path | None = None) -> Path | None:
+    for directory in ((extra,) if extra else ()) + RABBITMQ_BIN_DIRS:
         candidate = Path(directory) / "rabbitmq-server"
         if candidate.exists():
             return Path(directory)
@@ -121,23 +209,33 @@ def wait_for_port(host: str, port: int, deadline: float) -> bool:
             with socket.create_connection((host, port), timeout=0.2):
                 return True
         except OSError:
-            time.sleep(0.1)
+            time.sleep(0.05)
     return False
 
 
 class LocalBroker:
     """A private rabbitmq-server: own HOME and cookie, node name, ports, data and log dirs.
 
-    The server and its own epmd run in one new process group, stopped by
-    group id at ``stop()``; nothing is found or stopped by name.
+    The server and its own epmd each run in a new process group, registered
+    with the watchdog and stopped by group id at ``stop()``; nothing is found
+    or stopped by name. ``extra_config`` is appended to ``rabbitmq.conf``.
+    ``stop_mode`` ``"kill"`` (default) ends the throw-away node at once;
+    ``"graceful"`` asks it to shut down (about 7 s on a 2-core machine).
     """
 
-    def __init__(self, workdir: Path, start_timeout: float = 60.0):
+    def __init__(self, workdir: Path, start_timeout: float = 60.0, *, bin_dir: str | Path | None = None,
+                 extra_config: str = "", stop_mode: str = "kill", start_attempts: int = 3):
         self.workdir = Path(workdir)
         self.start_timeout = start_timeout
+        self.bin_dir = bin_dir
+        self.extra_config = extra_config
+        self.stop_mode = stop_mode
+        self.start_attempts = start_attempts
         self.process: subprocess.Popen | None = None
         self.epmd: subprocess.Popen | None = None
         self.broker: Broker | None = None
+        self.node: str | None = None
+        self.timings: dict[str, float] = {}
 
     @property
     def log_path(self) -> Path:
@@ -150,77 +248,111 @@ class LocalBroker:
             return "(no log)"
 
     def start(self) -> Broker:
-        bin_dir = find_rabbitmq_bin()
+        bin_dir = find_rabbitmq_bin(self.bin_dir)
         if bin_dir is None:
-            raise BrokerError("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
-        for sub in ("home", "mnesia", "log"):
-            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        amqp, mgmt, dist, epmd_port = (free_port() for _ in range(4))
-        user, password = "qp-" + secrets.token_hex(4), secrets.token_urlsafe(18)
-        node = f"qp{os.getpid()}x{secrets.token_hex(3)}@localhost"
-        (self.workdir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{amqp}\n"
-            f"management.tcp.port = {mgmt}\nmanagement.tcp.ip = 127.0.0.1\n"
-            f"default_user = {user}\ndefault_pass = {password}\n"
-            "default_vhost = /\nloopback_users = none\n"
-            "log.console = true\nlog.console.level = info\nlog.file = false\n"
-        )
-        env = {
-            **os.environ,
-            "HOME": str(self.workdir / "home"),
-            "ERL_EPMD_PORT": str(epmd_port),
-            "RABBITMQ_NODENAME": node,
-            "RABBITMQ_DIST_PORT": str(dist),
-            "RABBITMQ_CONFIG_FILE": str(self.workdir / "rabbitmq.conf"),
-            "RABBITMQ_MNESIA_BASE": str(self.workdir / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
-            "RABBITMQ_ENABLED_PLUGINS": PLUGINS,
-            "RABBITMQ_PID_FILE": str(self.workdir / "rabbitmq.pid"),
-        }
-        log = open(self.log_path, "ab")
-        # Our own epmd on a private port, so none is left behind as a daemon.
-        self.epmd = subprocess.Popen(["epmd", "-port", str(epmd_port)], stdout=log, stderr=log,
-                                     start_new_session=True, env=env)
-        self.process = subprocess.Popen([str(bin_dir / "rabbitmq-server")], stdout=log, stderr=log,
-                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        log.close()
-        broker = Broker("127.0.0.1", amqp, f"http://127.0.0.1:{mgmt}", user, password, "local")
-        self._wait_ready(broker)
+            raise BrokerError("rabbitmq-server is not installed (sudo apt-get install rabbitmq-server; "
+                              f"looked in {', '.join(map(str, ((self.bin_dir,) if self.bin_dir else ()) + RABBITMQ_BIN_DIRS))})")
+        began = time.monotonic()
+        for attempt in range(1, self.start_attempts + 1):
+            try:
+                broker = self._start_once(bin_dir)
+                break
+            except BrokerError as error:
+                # A port taken by a stranger between our check and the broker's bind: new ports, new try.
+                if "eaddrinuse" not in str(error) or attempt == self.start_attempts:
+                    raise
+        self.timings["start"] = time.monotonic() - began
         self.broker = broker
         return broker
 
+    def _start_once(self, bin_dir: Path) -> Broker:
+        for sub in ("home", "mnesia", "log"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        claims = PortClaims()
+        try:
+            amqp, mgmt, dist, epmd_port = (claims.claim() for _ in range(4))
+            user, password = "qp-" + secrets.token_hex(4), secrets.token_urlsafe(18)
+            self.node = f"qp{os.getpid()}x{secrets.token_hex(3)}@localhost"
+            (self.workdir / "rabbitmq.conf").write_text(
+                f"listeners.tcp.1 = 127.0.0.1:{amqp}\n"
+                f"management.tcp.port = {mgmt}\nmanagement.tcp.ip = 127.0.0.1\n"
+                f"default_user = {user}\ndefault_pass = {password}\n"
+                "default_user_tags.administrator = true\n"
+                "default_vhost = /\nloopback_users = none\n"
+                "log.console = true\nlog.console.level = info\nlog.file = false\n"
+                + self.extra_config + ("\n" if self.extra_config else "")
+            )
+            env = {
+                **os.environ,
+                "HOME": str(self.workdir / "home"),  # the Erlang cookie is created here
+                "ERL_EPMD_PORT": str(epmd_port),
+                "ERL_EPMD_ADDRESS": "127.0.0.1",
+                "RABBITMQ_NODENAME": self.node,
+                "RABBITMQ_DIST_PORT": str(dist),
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+                "RABBITMQ_CONFIG_FILE": str(self.workdir / "rabbitmq.conf"),
+                "RABBITMQ_MNESIA_BASE": str(self.workdir / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
+                "RABBITMQ_ENABLED_PLUGINS": PLUGINS,
+                "RABBITMQ_PID_FILE": str(self.workdir / "rabbitmq.pid"),
+            }
+            with open(self.log_path, "ab") as log:
+                # Our own epmd on a private port, so none is left behind as a daemon; it must
+                # listen before the node starts, or erl would spawn a detached one itself.
+                self.epmd = subprocess.Popen(["epmd", "-port", str(epmd_port)], stdout=log, stderr=log,
+                                             stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+                watchdog.register_process_group(self.epmd.pid, grace=0)
+                if not wait_for_port("127.0.0.1", epmd_port, time.monotonic() + 10):
+                    self.stop()
+                    raise BrokerError(f"epmd did not listen on port {epmd_port}; log tail:\n{self.log_tail()}")
+                self.process = subprocess.Popen([str(bin_dir / "rabbitmq-server")], stdout=log, stderr=log,
+                                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                watchdog.register_process_group(self.process.pid, grace=0)
+            broker = Broker("127.0.0.1", amqp, f"http://127.0.0.1:{mgmt}", user, password, "local",
+                            process_groups=[self.process.pid, self.epmd.pid])
+            self._wait_ready(broker)
+            return broker
+        finally:
+            claims.release()
+
     def _wait_ready(self, broker: Broker) -> None:
         deadline = time.monotonic() + self.start_timeout
+        problem = "not started"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                code = self.process.returncode
                 self.stop()
-                raise BrokerError(f"rabbitmq-server exited with code {self.process.returncode} while starting; "
-                                  f"log tail:\n{self.log_tail()}")
-            if wait_for_port(broker.host, broker.amqp_port, time.monotonic() + 0.5):
-                try:
-                    broker.management.overview()
+                raise BrokerError(f"rabbitmq-server ({self.node}) exited with code {code} while starting; "
+                                  f"log tail ({self.log_path}):\n{self.log_tail()}")
+            if wait_for_port(broker.host, broker.amqp_port, min(deadline, time.monotonic() + 0.5)):
+                problem = readiness_problem(broker)
+                if problem is None:
                     return
-                except (requests.RequestException, BrokerError):
-                    pass
-            time.sleep(0.2)
+            else:
+                problem = f"AMQP port {broker.amqp_port} not listening"
+            time.sleep(0.1)
         self.stop()
-        raise BrokerError(f"rabbitmq-server not ready after {self.start_timeout:.0f} s; log tail:\n{self.log_tail()}")
+        raise BrokerError(f"rabbitmq-server ({self.node}) not ready after {self.start_timeout:.0f} s ({problem}); "
+                          f"log tail ({self.log_path}):\n{self.log_tail()}")
 
     def stop(self, timeout: float = 15.0) -> None:
+        began = time.monotonic()
+        graceful = self.stop_mode == "graceful"
         for proc in (self.process, self.epmd):
-            if proc is None or proc.poll() is not None:
+            if proc is None:
                 continue
-            _signal_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait(5)
-        # beam may outlive the wrapper shell for a moment: reap the whole group.
-        for proc in (self.process, self.epmd):
-            if proc is not None:
-                _wait_group_gone(proc.pid, timeout)
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM if graceful else signal.SIGKILL)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc, signal.SIGKILL)
+                    proc.wait(5)
+            # beam may outlive the wrapper shell for a moment: reap the whole group.
+            _wait_group_gone(proc.pid, timeout)
+            watchdog.unregister_process_group(proc.pid)
+        self.timings["stop"] = time.monotonic() - began
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -233,9 +365,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 def _wait_group_gone(pgid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        if not watchdog.group_members(pgid):
             return
         time.sleep(0.1)
     try:

@@ -1,21 +1,89 @@
-"""Fixtures and options for the broker: one per session, a fresh vhost per test."""
+"""Fixtures and options for the broker: one per session, a fresh vhost per test.
+
+One broker per pytest process: without xdist that is the session; with
+``-n N`` every worker starts (and stops) a broker of its own — measured
+cheaper in wall time than sharing one on this hardware and simpler to get
+right (see ``tests/broker`` and the README). Ports are claimed with lock
+files and node names carry the pid, so workers never collide; only the
+process that started a broker stops it, and a watchdog stops it if that
+process dies.
+"""
 from __future__ import annotations
 
+import os
 import secrets
-from dataclasses import dataclass
-from typing import Iterator
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import pika
 import pytest
 
-from harness.broker import Broker, LocalBroker
+from harness import watchdog
+from harness.broker import Broker, BrokerError
+from harness.providers import DEFAULT_DOCKER_IMAGE, PROVIDERS, ProviderSettings, open_provider
+
+# (option, ini key, help, default)
+OPTIONS = [
+    ("--rabbitmq-provider", "rabbitmq_provider",
+     "where the broker comes from: auto (external if a URL is given, else docker if a Docker engine "
+     "answers, else a local rabbitmq-server), external, docker or local", "auto"),
+    ("--rabbitmq-url", "rabbitmq_url",
+     "external broker, amqp://USER:PASS@HOST:PORT/ (user with the administrator tag; the harness only "
+     "creates and deletes its own vhosts there)", ""),
+    ("--rabbitmq-management-url", "rabbitmq_management_url",
+     "management API of the external broker (default http://HOST:15672)", ""),
+    ("--rabbitmq-docker-image", "rabbitmq_docker_image",
+     f"image for the docker provider (default {DEFAULT_DOCKER_IMAGE})", DEFAULT_DOCKER_IMAGE),
+    ("--rabbitmq-server-dir", "rabbitmq_server_dir",
+     "directory holding rabbitmq-server for the local provider (default: /usr/lib/rabbitmq/bin and "
+     "other usual places)", ""),
+    ("--rabbitmq-start-timeout", "rabbitmq_start_timeout",
+     "seconds to wait for the broker to be ready (default 60)", "60"),
+    ("--rabbitmq-stop", "rabbitmq_stop",
+     "how the local broker is stopped: kill (default, instant; its data is thrown away) or graceful", "kill"),
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("qp-harness", "qp-harness: queue-priority conformance")
-    group.addoption("--rabbitmq-provider", choices=["auto", "external", "docker", "local"], default=None,
-                    help="where the broker comes from (ini: rabbitmq_provider; default auto)")
-    parser.addini("rabbitmq_provider", "where the broker comes from", default="auto")
+    for option, ini, help_text, default in OPTIONS:
+        kwargs = {"choices": list(PROVIDERS)} if ini == "rabbitmq_provider" else {}
+        if ini == "rabbitmq_stop":
+            kwargs = {"choices": ["kill", "graceful"]}
+        group.addoption(option, dest=ini, default=None, help=f"{help_text} [ini: {ini}]", **kwargs)
+        parser.addini(ini, help_text, default=default)
+
+
+def option(config: pytest.Config, ini: str) -> str:
+    """Command line beats ini file beats default."""
+    value = config.getoption(ini)
+    return str(value if value is not None else config.getini(ini))
+
+
+def provider_settings(config: pytest.Config) -> ProviderSettings:
+    try:
+        timeout = float(option(config, "rabbitmq_start_timeout"))
+    except ValueError as error:
+        raise pytest.UsageError(f"rabbitmq_start_timeout: {error}") from error
+    return ProviderSettings(
+        provider=option(config, "rabbitmq_provider") or "auto",
+        url=option(config, "rabbitmq_url") or None,
+        management_url=option(config, "rabbitmq_management_url") or None,
+        docker_image=option(config, "rabbitmq_docker_image") or DEFAULT_DOCKER_IMAGE,
+        start_timeout=timeout,
+        server_dir=option(config, "rabbitmq_server_dir") or None,
+        stop_mode=option(config, "rabbitmq_stop") or "kill",
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Normal end (pass, fail, Ctrl-C): sweep any group still registered and end the watchdog.
+    watchdog.stop_watchdog()
+
+
+def worker_id() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 @dataclass
@@ -32,23 +100,71 @@ class Vhost:
         return self.broker.amqp_url(self.name)
 
 
+@dataclass
+class VhostStats:
+    """Per-test vhost cost, for the terminal summary and the bench."""
+
+    count: int = 0
+    seconds: float = 0.0
+    broker_start: float | None = None
+    provider: str | None = None
+    names: list[str] = field(default_factory=list)
+
+
+STATS = VhostStats()
+
+
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    local = LocalBroker(tmp_path_factory.mktemp("rabbitmq"))
+def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """The session's broker (per xdist worker): URLs, credentials, ``.management`` client."""
+    settings = provider_settings(request.config)
+    began = time.monotonic()
     try:
-        yield local.start()
+        provision = open_provider(settings, tmp_path_factory.mktemp(f"rabbitmq-{worker_id()}"))
+    except BrokerError as error:
+        pytest.fail(f"qp-harness: {error}", pytrace=False)
+    STATS.broker_start, STATS.provider = time.monotonic() - began, provision.name
+    try:
+        yield provision.broker
     finally:
-        local.stop()
+        provision.close()
+
+
+def _create_vhost(broker: Broker, label: str = "") -> str:
+    name = f"qp-{worker_id()}-{label + '-' if label else ''}{secrets.token_hex(4)}"
+    broker.management.create_vhost(name, tracing=True)
+    return name
+
+
+@pytest.fixture
+def vhost_factory(broker: Broker) -> Iterator[Callable[..., Vhost]]:
+    """Make extra vhosts in a test (``vhost_factory("label")``); all deleted at teardown."""
+    made: list[str] = []
+
+    def make(label: str = "") -> Vhost:
+        made.append(_create_vhost(broker, label))
+        return Vhost(made[-1], broker)
+
+    try:
+        yield make
+    finally:
+        for name in made:
+            broker.management.delete_vhost(name)
 
 
 @pytest.fixture
 def vhost(broker: Broker) -> Iterator[Vhost]:
-    name = "qp-" + secrets.token_hex(6)
-    broker.management.create_vhost(name, tracing=True)
+    """A fresh vhost for this test, firehose tracer on; deleted (consumers and all) at teardown."""
+    began = time.monotonic()
+    name = _create_vhost(broker)
+    cost = time.monotonic() - began
     try:
         yield Vhost(name, broker)
     finally:
+        began = time.monotonic()
         broker.management.delete_vhost(name)
+        STATS.count += 1
+        STATS.seconds += cost + time.monotonic() - began
 
 
 @pytest.fixture
@@ -59,4 +175,16 @@ def amqp_channel(vhost: Vhost):
         yield connection.channel()
     finally:
         if connection.is_open:
-            connection.close()
+            try:
+                connection.close()
+            except pika.exceptions.AMQPError:
+                pass
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if STATS.provider is None or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    mean = f"{1000 * STATS.seconds / STATS.count:.0f} ms" if STATS.count else "n/a"
+    terminalreporter.write_line(
+        f"qp-harness: {STATS.provider} broker ready in {STATS.broker_start:.1f} s; "
+        f"{STATS.count} per-test vhosts, mean create+delete {mean}")
