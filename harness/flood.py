@@ -16,9 +16,11 @@ deadlines, so there is no drift however long the flood runs).
 
 The connection is a pika ``SelectConnection`` whose I/O loop runs in the
 caller's thread only while a call is in progress; heartbeats are off so an
-idle flood connection is not reset by the broker between phases. ``cancel()``
-may be called from another thread (time limit, Ctrl-C handler) and makes a
-running ``publish`` return early with what was confirmed so far.
+idle flood connection is not reset by the broker between phases. Calls from
+different threads (the runner floods phases in parallel) each get a
+connection of their own, so a slow rate-limited phase never holds up
+another. ``cancel()`` may be called from any thread (time limit, Ctrl-C
+handler) and makes running calls return early with what was confirmed so far.
 
 The observer's firehose records every publish; the flood itself only returns
 counts (``publish`` returns the number confirmed; ``stats`` has the rest)
@@ -102,8 +104,135 @@ def poison_body(shape: str) -> tuple[bytes, pika.BasicProperties]:
     raise ValueError(f"unknown poison shape {shape!r}; known: not_json, missing_fields")
 
 
+class _Link:
+    """One connection + confirm-mode channel, driven by the thread that uses it."""
+
+    def __init__(self, flood: "Flood"):
+        self.flood = flood
+        self.conn: pika.SelectConnection | None = None
+        self.chan = None
+        self.error: str | None = None
+        self.closing = False
+        self.busy = False
+        self.pending: collections.deque[int] = collections.deque()
+        self.single: dict[int, bool] = {}
+        self.tag = 0
+        self.stats = FloodStats()
+        self.on_settled: Callable[[], None] | None = None
+
+    # --- I/O loop ---------------------------------------------------------------
+
+    def run_until(self, goal: Callable[[], bool], timeout: float | None = None) -> None:
+        """Run the I/O loop in this thread until ``goal()`` holds, an error, cancel or timeout.
+
+        The loop is stopped every 50 ms to look at the goal (callbacks stop it sooner when they can).
+        """
+        assert self.conn is not None
+        loop = self.conn.ioloop
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.error:
+                raise FloodError(self.error)
+            if goal() or self.flood._cancel.is_set():
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise FloodError(f"timed out after {timeout:.0f} s")
+            timer = loop.call_later(0.05, loop.stop)
+            try:
+                loop.start()
+            finally:
+                loop.remove_timeout(timer)
+
+    def connect(self) -> None:
+        if self.conn is not None and self.conn.is_open and self.chan is not None and self.chan.is_open:
+            return
+        self.close()
+        self.error = None
+        self.closing = False
+        ready = {"open": False}
+
+        def on_open(conn: pika.SelectConnection) -> None:
+            conn.channel(on_open_callback=on_channel)
+
+        def on_channel(chan) -> None:
+            self.chan = chan
+            chan.add_on_close_callback(on_channel_closed)
+            chan.add_on_return_callback(on_return)
+            chan.confirm_delivery(self.on_confirm, callback=lambda _frame: ready.update(open=True))
+
+        def on_open_error(_conn, exc) -> None:
+            self.error = f"cannot connect to the broker: {exc!r}"
+            self.stop_loop()
+
+        def on_closed(_conn, reason) -> None:
+            if self.error is None and not self.closing:
+                self.error = f"connection closed: {reason!r}"
+            self.stop_loop()
+
+        def on_channel_closed(_chan, reason) -> None:
+            if self.error is None and not self.closing:
+                self.error = f"channel closed: {reason!r}"
+            self.stop_loop()
+
+        def on_return(_chan, _method, _props, _body) -> None:
+            self.stats.returned += 1
+
+        self.conn = pika.SelectConnection(self.flood.parameters, on_open_callback=on_open,
+                                          on_open_error_callback=on_open_error, on_close_callback=on_closed)
+        self.tag = 0
+        self.pending.clear()
+        self.single.clear()
+        self.run_until(lambda: ready["open"], timeout=self.flood.connect_timeout)
+
+    def stop_loop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.ioloop.stop()
+            except Exception:  # noqa: BLE001 - loop already gone
+                pass
+
+    def close(self) -> None:
+        conn, self.conn, self.chan = self.conn, None, None
+        if conn is None:
+            return
+        self.closing = True
+        try:
+            if conn.is_open:
+                conn.close()
+                deadline = time.monotonic() + 5
+                while not conn.is_closed and time.monotonic() < deadline:
+                    timer = conn.ioloop.call_later(0.05, conn.ioloop.stop)
+                    conn.ioloop.start()
+                    conn.ioloop.remove_timeout(timer)
+        except Exception:  # noqa: BLE001 - teardown never crashes on a lost connection
+            pass
+
+    # --- confirms ---------------------------------------------------------------
+
+    def on_confirm(self, frame) -> None:
+        method = frame.method
+        ok = isinstance(method, Basic.Ack)
+        tag = method.delivery_tag
+        if method.multiple:
+            while self.pending and self.pending[0] <= tag:
+                t = self.pending.popleft()
+                self.settle(self.single.pop(t, ok))
+        else:
+            self.single[tag] = ok
+        while self.pending and self.pending[0] in self.single:
+            self.settle(self.single.pop(self.pending.popleft()))
+        if self.on_settled is not None:
+            self.on_settled()
+
+    def settle(self, ok: bool) -> None:
+        if ok:
+            self.stats.confirmed += 1
+        else:
+            self.stats.nacked += 1
+
+
 class Flood:
-    """Publishes to one vhost with pipelined confirms. Not thread-safe except ``cancel()``."""
+    """Publishes to one vhost with pipelined confirms; one connection per calling thread."""
 
     def __init__(self, parameters: pika.ConnectionParameters, history: HistoryWriter | None = None,
                  progress: Callable[[FloodProgress], None] | None = None, *, window: int = 1000,
@@ -115,145 +244,35 @@ class Flood:
         self.window = max(1, window)
         self.progress_every = progress_every
         self.connect_timeout = connect_timeout
-        self.totals = FloodStats()
-        self.stats = FloodStats()
-        self._conn: pika.SelectConnection | None = None
-        self._chan = None
-        self._error: str | None = None
+        self.totals = FloodStats()  # over every call, all threads
+        self.stats = FloodStats()  # of the last call that finished (any thread)
         self._cancel = threading.Event()
-        # per-call state
-        self._pending: collections.deque[int] = collections.deque()
-        self._single: dict[int, bool] = {}
-        self._tag = 0
-        self._goal: Callable[[], bool] = lambda: True
+        self._lock = threading.Lock()
+        self._links: dict[int, _Link] = {}
 
-    # --- connection and I/O loop ------------------------------------------------
-
-    def _run_until(self, goal: Callable[[], bool], timeout: float | None = None) -> None:
-        """Run the I/O loop in this thread until ``goal()`` holds, an error, cancel or timeout.
-
-        The loop is stopped every 50 ms to look at the goal (callbacks stop it sooner when they can).
-        """
-        assert self._conn is not None
-        loop = self._conn.ioloop
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._error:
-                raise FloodError(self._error)
-            if goal() or self._cancel.is_set():
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise FloodError(f"timed out after {timeout:.0f} s")
-            timer = loop.call_later(0.05, loop.stop)
-            try:
-                loop.start()
-            finally:
-                loop.remove_timeout(timer)
-
-    def _connect(self) -> None:
-        if self._conn is not None and self._conn.is_open and self._chan is not None and self._chan.is_open:
-            return
-        self._close_quietly()
-        self._error = None
-        ready = {"open": False}
-
-        def on_open(conn: pika.SelectConnection) -> None:
-            conn.channel(on_open_callback=on_channel)
-
-        def on_channel(chan) -> None:
-            self._chan = chan
-            chan.add_on_close_callback(on_channel_closed)
-            chan.add_on_return_callback(on_return)
-            chan.confirm_delivery(self._on_confirm, callback=lambda _frame: ready.update(open=True))
-
-        def on_open_error(_conn, exc) -> None:
-            self._error = f"cannot connect to the broker: {exc!r}"
-
-        def on_closed(_conn, reason) -> None:
-            if self._error is None and not self._closing:
-                self._error = f"connection closed: {reason!r}"
-            self._wake_up(force=True)
-
-        def on_channel_closed(_chan, reason) -> None:
-            if self._error is None and not self._closing:
-                self._error = f"channel closed: {reason!r}"
-            self._wake_up(force=True)
-
-        def on_return(_chan, method, _props, _body) -> None:
-            self.stats.returned += 1
-            self.totals.returned += 1
-
-        self._closing = False
-        self._conn = pika.SelectConnection(self.parameters, on_open_callback=on_open,
-                                           on_open_error_callback=on_open_error, on_close_callback=on_closed)
-        self._tag = 0
-        self._pending.clear()
-        self._single.clear()
-        self._run_until(lambda: ready["open"], timeout=self.connect_timeout)
-
-    def _wake_up(self, force: bool = False) -> None:
-        if self._conn is None:
-            return
-        if force:
-            try:
-                self._conn.ioloop.stop()
-            except Exception:  # noqa: BLE001 - loop already gone
-                pass
-
-    def _close_quietly(self) -> None:
-        conn, self._conn, self._chan = self._conn, None, None
-        if conn is None:
-            return
-        self._closing = True
-        try:
-            if conn.is_open:
-                conn.close()
-                deadline = time.monotonic() + 5
-                while not conn.is_closed and time.monotonic() < deadline:
-                    conn.ioloop.call_later(0.05, conn.ioloop.stop)
-                    conn.ioloop.start()
-        except Exception:  # noqa: BLE001 - teardown never crashes on a lost connection
-            pass
-
-    # --- confirms ------------------------------------------------------------------
-
-    def _on_confirm(self, frame) -> None:
-        method = frame.method
-        ok = isinstance(method, Basic.Ack)
-        tag = method.delivery_tag
-        if method.multiple:
-            while self._pending and self._pending[0] <= tag:
-                t = self._pending.popleft()
-                self._settle(self._single.pop(t, ok))
-        else:
-            self._single[tag] = ok
-        while self._pending and self._pending[0] in self._single:
-            self._settle(self._single.pop(self._pending.popleft()))
-        if self._on_settled is not None:
-            self._on_settled()
-
-    _on_settled: Callable[[], None] | None = None
-    _closing = False
-
-    def _settle(self, ok: bool) -> None:
-        if ok:
-            self.stats.confirmed += 1
-            self.totals.confirmed += 1
-        else:
-            self.stats.nacked += 1
-            self.totals.nacked += 1
+    def _link(self) -> _Link:
+        with self._lock:
+            link = self._links.get(threading.get_ident())
+            if link is None:
+                link = self._links[threading.get_ident()] = _Link(self)
+            return link
 
     # --- the public API ---------------------------------------------------------------
 
     def declare(self, queues: Iterable[str]) -> None:
         """Declare queues exactly as the engine does: durable, not exclusive, no auto-delete, no arguments."""
-        self._connect()
-        names = list(dict.fromkeys(queues))
-        done: set[str] = set()
-        for name in names:
-            self._chan.queue_declare(name, durable=True, exclusive=False, auto_delete=False, arguments=None,
-                                     callback=lambda _frame, name=name: done.add(name))
-        self._run_until(lambda: len(done) == len(names), timeout=self.connect_timeout)
+        link = self._link()
+        link.busy = True
+        try:
+            link.connect()
+            names = list(dict.fromkeys(queues))
+            done: set[str] = set()
+            for name in names:
+                link.chan.queue_declare(name, durable=True, exclusive=False, auto_delete=False, arguments=None,
+                                        callback=lambda _frame, name=name: done.add(name))
+            link.run_until(lambda: len(done) == len(names), timeout=self.connect_timeout)
+        finally:
+            link.busy = False
 
     def publish(self, queue: str, bodies: Iterable[dict[str, Any] | bytes], rate: float | None = None, *,
                 allow_unroutable: bool = False) -> int:
@@ -276,17 +295,28 @@ class Flood:
         return self._publish(iter([(queue, body)]), 1, queue, None, True, props)
 
     def cancel(self) -> None:
-        """Make a running ``publish`` return soon (thread-safe)."""
+        """Make running calls return soon (thread-safe). Later calls work again."""
         self._cancel.set()
-        conn = self._conn
-        if conn is not None:
-            try:
-                conn.ioloop.add_callback_threadsafe(conn.ioloop.stop)
-            except Exception:  # noqa: BLE001
-                pass
+        with self._lock:
+            links = list(self._links.values())
+        for link in links:
+            conn = link.conn
+            if conn is not None:
+                try:
+                    conn.ioloop.add_callback_threadsafe(conn.ioloop.stop)
+                except Exception:  # noqa: BLE001
+                    pass
 
     def close(self) -> None:
-        self._close_quietly()
+        """Close every idle connection; busy ones are cancelled and close themselves."""
+        with self._lock:
+            links = list(self._links.values())
+            self._links.clear()
+        if any(link.busy for link in links):
+            self.cancel()
+        for link in links:
+            if not link.busy:
+                link.close()
 
     def __enter__(self) -> "Flood":
         return self
@@ -301,36 +331,77 @@ class Flood:
         if rate is not None and rate <= 0:
             raise ValueError("rate must be > 0 messages per second (or None for as fast as possible)")
         self._cancel.clear()
-        self._connect()
-        self.stats = FloodStats()
-        props = properties or DATA_PROPERTIES
-        chan = self._chan
-        loop = self._conn.ioloop
-        state = {"exhausted": False, "timer": None}
+        link = self._link()
+        link.busy = True
+        stats = link.stats = FloodStats()
+        state: dict[str, Any] = {"exhausted": False, "timer": None}
         t0 = time.monotonic()
-        last_progress = [t0]
-        interval = None if rate is None else 1.0 / rate
-        stats = self.stats
-        per_queue = stats.per_queue
+        try:
+            link.connect()
+            self._flood(link, items, total, label, rate, properties or DATA_PROPERTIES, state, t0)
+        except KeyboardInterrupt:
+            self._cancel.set()
+            raise
+        finally:
+            link.on_settled = None
+            if state["timer"] is not None and link.conn is not None:
+                link.conn.ioloop.remove_timeout(state["timer"])
+            stats.seconds = time.monotonic() - t0
+            if self._cancel.is_set() or link.error:
+                # Confirms for messages in flight are lost with the connection: start afresh next time.
+                link.close()
+            link.busy = False
+            with self._lock:
+                self.stats = stats
+                totals = self.totals
+                totals.sent += stats.sent
+                totals.confirmed += stats.confirmed
+                totals.nacked += stats.nacked
+                totals.returned += stats.returned
+                totals.seconds += stats.seconds
+                for q, n in stats.per_queue.items():
+                    totals.per_queue[q] = totals.per_queue.get(q, 0) + n
+                if link not in self._links.values():  # closed while we were busy
+                    link.close()
+        if self.progress is not None:
+            self.progress(FloodProgress(label, stats.sent, stats.confirmed, total, stats.seconds, True))
+        if self.history is not None:
+            self.history.record("phase", name="flood_done", queue=label, sent=stats.sent,
+                                confirmed=stats.confirmed, returned=stats.returned, seconds=round(stats.seconds, 3))
+        if stats.nacked:
+            raise FloodError(f"the broker refused (nacked) {stats.nacked} of {stats.sent} messages to {label}")
+        if stats.returned and not allow_unroutable:
+            raise FloodError(f"{stats.returned} of {stats.sent} messages to {label} were unroutable "
+                             f"(no such queue; declare it first or pass allow_unroutable=True)")
+        return stats.confirmed
 
+    def _flood(self, link: _Link, items: Iterator[tuple[str, Any]], total: int | None, label: str,
+               rate: float | None, props: pika.BasicProperties, state: dict[str, Any], t0: float) -> None:
+        stats = link.stats
+        per_queue = stats.per_queue
+        chan = link.chan
+        loop = link.conn.ioloop
+        interval = None if rate is None else 1.0 / rate
+        last_progress = [t0]
+        window = self.window
         if self.history is not None:
             self.history.record("phase", name="flood_started", queue=label, total=total, rate=rate)
 
-        def report(done: bool = False) -> None:
+        def report() -> None:
             if self.progress is None:
                 return
             now = time.monotonic()
-            if done or now - last_progress[0] >= self.progress_every:
+            if now - last_progress[0] >= self.progress_every:
                 last_progress[0] = now
-                self.progress(FloodProgress(label, stats.sent, stats.confirmed, total, now - t0, done))
+                self.progress(FloodProgress(label, stats.sent, stats.confirmed, total, now - t0))
 
         def pump() -> None:
             """Send what is due and fits in the window; schedule the next send if rate-limited."""
             state["timer"] = None
-            if self._cancel.is_set() or self._error:
+            if self._cancel.is_set() or link.error:
                 return
             now = time.monotonic()
-            while not state["exhausted"] and stats.sent - stats.confirmed - stats.nacked < self.window:
+            while not state["exhausted"] and stats.sent - stats.confirmed - stats.nacked < window:
                 if interval is not None:
                     due = t0 + stats.sent * interval
                     if due > now:
@@ -345,15 +416,17 @@ class Flood:
                 try:
                     chan.basic_publish("", queue, data, props, mandatory=True)
                 except Exception as exc:  # noqa: BLE001 - channel or connection gone
-                    self._error = f"publish failed: {exc!r}"
+                    link.error = f"publish failed: {exc!r}"
                     loop.stop()
                     return
-                self._tag += 1
-                self._pending.append(self._tag)
+                link.tag += 1
+                link.pending.append(link.tag)
                 stats.sent += 1
-                self.totals.sent += 1
                 per_queue[queue] = per_queue.get(queue, 0) + 1
             report()
+
+        def finished() -> bool:
+            return state["exhausted"] and stats.confirmed + stats.nacked >= stats.sent
 
         def on_settled() -> None:
             if state["timer"] is None:
@@ -361,34 +434,6 @@ class Flood:
             if finished():
                 loop.stop()
 
-        def finished() -> bool:
-            return state["exhausted"] and stats.confirmed + stats.nacked >= stats.sent
-
-        self._on_settled = on_settled
-        try:
-            pump()
-            self._run_until(finished)
-        except KeyboardInterrupt:
-            self._cancel.set()
-            raise
-        finally:
-            self._on_settled = None
-            if state["timer"] is not None:
-                loop.remove_timeout(state["timer"])
-            stats.seconds = time.monotonic() - t0
-            self.totals.seconds += stats.seconds
-            for q, n in per_queue.items():
-                self.totals.per_queue[q] = self.totals.per_queue.get(q, 0) + n
-            if self._cancel.is_set() or self._error:
-                # Confirms for messages in flight are lost with the connection: start afresh next time.
-                self._close_quietly()
-        report(done=True)
-        if self.history is not None:
-            self.history.record("phase", name="flood_done", queue=label, sent=stats.sent,
-                                confirmed=stats.confirmed, returned=stats.returned, seconds=round(stats.seconds, 3))
-        if stats.nacked:
-            raise FloodError(f"the broker refused (nacked) {stats.nacked} of {stats.sent} messages to {label}")
-        if stats.returned and not allow_unroutable:
-            raise FloodError(f"{stats.returned} of {stats.sent} messages to {label} were unroutable "
-                             f"(no such queue; declare it first or pass allow_unroutable=True)")
-        return stats.confirmed
+        link.on_settled = on_settled
+        pump()
+        link.run_until(finished)
