@@ -1,0 +1,391 @@
+"""The stage launcher: engine stages as real OS processes.
+
+Each stage instance is started from the engine command template (``{stage}``
+is replaced by ``explorer`` or ``worker``) with the engine's TOML config for
+the test's vhost (``OS2DS_ENGINE_USER_CONFIG_PATH``) and its
+``QUEUE_PRIORITY``, in a process group of its own, with stdout and stderr
+captured to ``<report_dir>/stages/<instance>.log``. Nothing here knows which
+engine runs (ENGINE_CONTRACT.md section 1).
+
+Processes are addressed only by their PID / process group id, never by name.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from harness.history import HistoryWriter
+
+DEFAULT_COMMAND = [sys.executable, "-m", "reference_engine.run_stage", "{stage}"]
+TAIL_LINES = 40
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class StageStartError(RuntimeError):
+    """A stage could not be started at all (command not found, not executable, bad template)."""
+
+
+def describe_returncode(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name} (exit code {returncode})"
+    return f"exit code {returncode}"
+
+
+@dataclass
+class StageExit:
+    """A stage process that has exited."""
+
+    name: str
+    role: str
+    pid: int
+    returncode: int
+    tail: str
+    log_path: Path
+    expected: bool = False  # stopped or killed by the harness itself
+
+    def describe(self) -> str:
+        lines = self.tail.rstrip("\n")
+        return (f"stage {self.name} (pid {self.pid}) exited early with {describe_returncode(self.returncode)}; "
+                f"last {TAIL_LINES} lines of {self.log_path}:\n{lines if lines else '(no output)'}")
+
+
+class StageExited(Exception):
+    """A stage exited while the scenario ran. ``str()`` names the instance, the exit code and its last lines."""
+
+    def __init__(self, exits: StageExit | list[StageExit]):
+        self.exits = [exits] if isinstance(exits, StageExit) else list(exits)
+        super().__init__("\n\n".join(e.describe() for e in self.exits))
+
+    @classmethod
+    def from_exits(cls, exits: list[StageExit]) -> "StageExited":
+        return cls(exits)
+
+
+class StageProcess:
+    """One running (or exited) stage instance."""
+
+    def __init__(self, name: str, role: str, kind: str, argv: list[str], env: dict[str, str],
+                 log_path: Path, config_path: Path, stage: Any):
+        self.name = name
+        self.role = role
+        self.kind = kind
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self.config_path = config_path
+        self.stage = stage
+        self.popen: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.reported = False  # stage_exited recorded
+        self.expect_exit = False  # the harness stops or kills it on purpose
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen else -1
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll() if self.popen else None
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        return read_tail(self.log_path, lines)
+
+    def __repr__(self) -> str:
+        return f"<StageProcess {self.name} pid={self.pid} rc={self.returncode}>"
+
+
+def read_tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = 256 * 1024) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _register_group(pgid: int) -> None:
+    try:
+        from harness import watchdog
+    except ImportError:
+        return
+    register = getattr(watchdog, "register_process_group", None)
+    if register is not None:
+        try:
+            register(pgid)
+        except Exception:  # the watchdog is a safety net, never a reason to fail a start
+            pass
+
+
+def _unregister_group(pgid: int) -> None:
+    try:
+        from harness import watchdog
+    except ImportError:
+        return
+    unregister = getattr(watchdog, "unregister_process_group", None)
+    if unregister is not None:
+        try:
+            unregister(pgid)
+        except Exception:
+            pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class StageLauncher:
+    """Starts, watches and stops the engine stages of one scenario run."""
+
+    def __init__(self, command_template: list[str] | str | None, engine_env: dict[str, str] | None, broker,
+                 vhost_name: str, report_dir: Path, history: HistoryWriter, observer=None):
+        if command_template is None or command_template == "" or command_template == []:
+            command_template = list(DEFAULT_COMMAND)
+            self._default = True
+        else:
+            self._default = False
+        if isinstance(command_template, str):
+            try:
+                command_template = shlex.split(command_template)
+            except ValueError as exc:
+                raise StageStartError(f"engine command template {command_template!r} cannot be split: {exc}") from None
+        if not command_template:
+            raise StageStartError("the engine command template is empty")
+        self.template = [str(part) for part in command_template]
+        self.engine_env = dict(engine_env or {})
+        self.broker = broker
+        self.vhost = vhost_name
+        self.report_dir = Path(report_dir)
+        self.stage_dir = self.report_dir / "stages"
+        self.history = history
+        self.observer = observer
+        self.processes: dict[str, StageProcess] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ start
+    def argv(self, kind: str) -> list[str]:
+        return [part.replace("{stage}", kind) for part in self.template]
+
+    def config(self) -> dict[str, Any]:
+        return {"amqp": {
+            "AMQP_HOST": self.broker.host,
+            "AMQP_PORT": int(self.broker.amqp_port),
+            "AMQP_USER": self.broker.user,
+            "AMQP_PWD": self.broker.password,
+            "AMQP_VHOST": self.vhost,
+        }}
+
+    def environment(self, stage, config_path: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("QUEUE_PRIORITY", None)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        if self._default:
+            # The bundled engine runs from this checkout even when the package is not installed.
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p)
+        env["OS2DS_ENGINE_USER_CONFIG_PATH"] = str(config_path)
+        # As written in the scenario (duplicates kept): the engine must cope with them itself.
+        priority = " ".join(stage.queue_priority)
+        if priority.strip():
+            env["QUEUE_PRIORITY"] = priority
+        env.update({k: str(v) for k, v in self.engine_env.items()})
+        env.update({k: str(v) for k, v in (stage.env or {}).items()})
+        return env
+
+    def start(self, stage) -> list[StageProcess]:
+        """Start ``stage.replicas`` processes of ``stage``; instance names ``name``, ``name#2``, …"""
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        started: list[StageProcess] = []
+        for index in range(stage.replicas):
+            name = stage.name if index == 0 else f"{stage.name}#{index + 1}"
+            with self._lock:
+                if name in self.processes and self.processes[name].alive:
+                    raise StageStartError(f"stage {name} is already running (pid {self.processes[name].pid})")
+            config_path = self.stage_dir / f"{name}.toml"
+            config_path.write_text(tomli_w.dumps(self.config()), encoding="utf-8")
+            proc = StageProcess(name, stage.name, stage.kind, self.argv(stage.kind), {}, self.stage_dir / f"{name}.log",
+                                config_path, stage)
+            proc.env = self.environment(stage, config_path)
+            self._spawn(proc)
+            started.append(proc)
+        return started
+
+    def _spawn(self, proc: StageProcess) -> None:
+        log = open(proc.log_path, "ab")
+        try:
+            if proc.log_path.stat().st_size:
+                log.write(f"\n---- qp-harness: restarting {proc.name} ----\n".encode())
+                log.flush()
+            proc.popen = subprocess.Popen(proc.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          env=proc.env, start_new_session=True, close_fds=True)
+        except FileNotFoundError:
+            raise StageStartError(f"cannot start stage {proc.name}: engine command {proc.argv[0]!r} not found "
+                                  f"(command: {shlex.join(proc.argv)}); check --engine-cmd / engine_cmd") from None
+        except PermissionError:
+            raise StageStartError(f"cannot start stage {proc.name}: engine command {proc.argv[0]!r} is not executable "
+                                  f"(command: {shlex.join(proc.argv)})") from None
+        except OSError as exc:
+            raise StageStartError(f"cannot start stage {proc.name}: {exc.strerror or exc} "
+                                  f"(command: {shlex.join(proc.argv)})") from None
+        finally:
+            log.close()
+        proc.started_at = time.time()
+        proc.reported = False
+        proc.expect_exit = False
+        _register_group(proc.pid)
+        if self.observer is not None:
+            self.observer.register_stage(proc.name, proc.pid)
+        with self._lock:
+            self.processes[proc.name] = proc
+        stage = proc.stage
+        self.history.record("stage_started", stage=proc.name, role=proc.role, kind=proc.kind, pid=proc.pid,
+                            queue_priority=list(stage.priority), read_queues=list(stage.read_queues),
+                            command=proc.argv, log=str(proc.log_path))
+
+    # ------------------------------------------------------------------ watch
+    def poll(self, include_expected: bool = False) -> list[StageExit]:
+        """Stages that exited since the last call (each reported once; ``stage_exited`` recorded).
+
+        Exits the harness caused itself (``stop_all``, ``kill``, ``restart``) are recorded but
+        only returned with ``include_expected``.
+        """
+        exits: list[StageExit] = []
+        with self._lock:
+            for proc in list(self.processes.values()):
+                if proc.reported or proc.popen is None or proc.popen.poll() is None:
+                    continue
+                exit_ = self._report(proc)
+                if include_expected or not exit_.expected:
+                    exits.append(exit_)
+        return exits
+
+    def _report(self, proc: StageProcess) -> StageExit:
+        proc.reported = True
+        returncode = proc.popen.returncode
+        if not _group_alive(proc.pid):
+            _unregister_group(proc.pid)
+        try:
+            self.history.record("stage_exited", stage=proc.name, pid=proc.pid, returncode=returncode,
+                                expected=proc.expect_exit)
+        except Exception:
+            pass
+        return StageExit(proc.name, proc.role, proc.pid, returncode, proc.tail(TAIL_LINES), proc.log_path,
+                         proc.expect_exit)
+
+    def running(self) -> list[StageProcess]:
+        with self._lock:
+            return [p for p in self.processes.values() if p.alive]
+
+    def instances(self, target: str) -> list[StageProcess]:
+        """Instances named ``target``, or every instance of the stage (role) ``target``."""
+        with self._lock:
+            if target in self.processes:
+                return [self.processes[target]]
+            found = [p for p in self.processes.values() if p.role == target]
+        if not found:
+            raise KeyError(f"no stage instance or stage named {target!r}; known: {', '.join(sorted(self.processes))}")
+        return found
+
+    # ------------------------------------------------------------------ stop / faults
+    def stop_all(self, grace: float = 10.0) -> list[StageExit]:
+        """SIGTERM every stage's process group, SIGKILL what is left after ``grace``. Never raises."""
+        try:
+            with self._lock:
+                procs = [p for p in self.processes.values() if p.popen is not None]
+            return self._stop(procs, grace)
+        except Exception:  # last resort: teardown must not fail, and must not leave processes
+            for proc in list(self.processes.values()):
+                if proc.popen is not None:
+                    _signal_group(proc.pid, signal.SIGKILL)
+            return []
+
+    def _stop(self, procs: list[StageProcess], grace: float) -> list[StageExit]:
+        for proc in procs:
+            proc.expect_exit = proc.expect_exit or proc.alive
+            if _group_alive(proc.pid):
+                _signal_group(proc.pid, signal.SIGCONT)  # a paused stage cannot handle SIGTERM
+                _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_group_alive(p.pid) for p in procs):
+            for p in procs:
+                p.popen.poll()  # reap the leader, so its group can empty
+            time.sleep(0.05)
+        for proc in procs:
+            if _group_alive(proc.pid):
+                _signal_group(proc.pid, signal.SIGKILL)
+        for proc in procs:
+            try:
+                proc.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            end = time.monotonic() + 5
+            while _group_alive(proc.pid) and time.monotonic() < end:
+                _signal_group(proc.pid, signal.SIGKILL)
+                time.sleep(0.02)
+        exits = []
+        with self._lock:
+            for proc in procs:
+                if not proc.reported and proc.popen.poll() is not None:
+                    exits.append(self._report(proc))
+                elif not _group_alive(proc.pid):
+                    _unregister_group(proc.pid)
+        return exits
+
+    def stop(self, target: str, grace: float = 10.0) -> list[StageExit]:
+        """Stop one instance (or every instance of a stage) as ``stop_all`` does."""
+        return self._stop([p for p in self.instances(target) if p.popen is not None], grace)
+
+    def kill(self, target: str, sig: int = signal.SIGKILL) -> list[StageProcess]:
+        """Send ``sig`` to the process group of an instance (or of every instance of a stage).
+
+        A terminating signal marks the exit as expected: ``poll()`` records it but does not return it.
+        """
+        procs = self.instances(target)
+        for proc in procs:
+            if sig not in (signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP, 0):
+                proc.expect_exit = True
+            _signal_group(proc.pid, sig)
+        return procs
+
+    def restart(self, target: str, grace: float = 10.0) -> list[StageProcess]:
+        """Stop the instance(s) if still running, then start them again with the same name, config and env."""
+        procs = self.instances(target)
+        self._stop([p for p in procs if p.popen is not None], grace)
+        for proc in procs:
+            self._spawn(proc)
+        return procs

@@ -1,0 +1,200 @@
+"""The observer against a real broker: events attributed to launched stages, samples, firehose, own traffic left out."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pika
+import pytest
+
+from harness.history import EVENT_TYPES, HistoryWriter
+from harness.messages import OUTPUT_QUEUES, encode_body
+from harness.observer import Observer
+from harness.scenario import Stage
+from harness.stages import StageLauncher
+
+FAKE_STAGE = [sys.executable, str(Path(__file__).parent / "helpers" / "fake_stage.py"), "{stage}"]
+
+SCAN_TAG = {"time": "2025-01-01T00:00:00+00:00", "user": "u", "scanner": {"pk": 7, "name": "s"},
+            "organisation": {"name": "o", "uuid": "org-1"}}
+SPEC = {"scan_tag": SCAN_TAG, "source": {"type": "file", "path": "/srv"}, "rule": {"type": "cpr"}}
+
+
+@pytest.fixture
+def history(tmp_path):
+    writer = HistoryWriter(tmp_path / "history.jsonl")
+    yield writer
+    writer.close()
+
+
+@pytest.fixture
+def make_observer(broker, vhost, history):
+    observers = []
+
+    def make(queues=(), **kwargs):
+        observer = Observer(broker, vhost.name, history, list(queues), **kwargs)
+        observers.append(observer)
+        observer.start()
+        return observer
+
+    yield make
+    for observer in observers:
+        observer.stop()
+
+
+@pytest.fixture
+def launcher(broker, vhost, history, tmp_path):
+    launchers = []
+
+    def make(observer=None, command=FAKE_STAGE, env=None):
+        launcher = StageLauncher(command, env or {}, broker, vhost.name, tmp_path, history, observer)
+        launchers.append(launcher)
+        return launcher
+
+    yield make
+    for launcher in launchers:
+        launcher.stop_all(grace=2)
+
+
+def of(history, type_, **match):
+    return [e for e in history.events if e["type"] == type_ and all(e.get(k) == v for k, v in match.items())]
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_events_are_attributed_to_the_stage(make_observer, launcher, history):
+    observer = make_observer(["qa", "qb"])
+    stages = launcher(observer)
+    [proc] = stages.start(Stage(name="w1", kind="worker", queue_priority=["qa", "qb"], env={"FAKE_PREFETCH": "2"}))
+    assert observer.wait_for_consumers("w1", {"qa", "qb"}, timeout=20) == {"qa", "qb"}, proc.tail()
+
+    [conn] = of(history, "connection_created", stage="w1")
+    assert conn["name"].startswith("127.0.0.1:") and conn["peer_port"] and conn["conn"].startswith("<")
+    assert "broker_ms" in conn
+    [chan] = of(history, "channel_created", stage="w1")
+    assert chan["conn"] == conn["conn"]
+    consumers = of(history, "consumer_created", stage="w1")
+    assert sorted(c["queue"] for c in consumers) == ["qa", "qb"]
+    assert all(c["chan"] == chan["chan"] and c["prefetch"] == 2 for c in consumers)
+    assert {"qa", "qb"} <= {e["queue"] for e in of(history, "queue_created")}
+    [started] = of(history, "stage_started", stage="w1")
+    assert started["pid"] == proc.pid and started["read_queues"] == ["qa", "qb"]
+
+    stages.stop_all(grace=5)
+    assert observer.wait_for(lambda: not observer.consumers_of("w1"), timeout=10)
+    observer.wait_for(lambda: of(history, "connection_closed", stage="w1"), timeout=10)
+    assert sorted(e["queue"] for e in of(history, "consumer_deleted", stage="w1")) == ["qa", "qb"]
+    assert of(history, "channel_closed", stage="w1")
+    [closed] = of(history, "connection_closed", stage="w1")
+    assert closed["conn"] == conn["conn"]
+    # Every event type written is a documented one, with at least the documented fields.
+    for event in history.events:
+        assert set(EVENT_TYPES[event["type"]]) <= set(event), event
+
+
+def test_a_wrapper_command_is_attributed_through_its_child(make_observer, launcher, history):
+    observer = make_observer()
+    stages = launcher(observer)
+    stages.start(Stage(name="wrapped", kind="worker", queue_priority=["qw"], env={"FAKE_CHILD": "1"}))
+    assert observer.wait_for_consumers("wrapped", {"qw"}, timeout=20) == {"qw"}
+    assert of(history, "connection_created", stage="wrapped")
+
+
+def test_harness_connections_are_marked_and_observer_traffic_is_absent(make_observer, history, vhost):
+    observer = make_observer(["qh"])
+    with pika.BlockingConnection(vhost.parameters()) as connection:
+        channel = connection.channel()
+        channel.queue_declare("qh", durable=True)
+        channel.basic_consume("qh", lambda *a: None, consumer_tag="harness-tag")
+        assert observer.wait_for(lambda: observer.consumers_of("harness") == {"qh"}, timeout=10)
+    assert observer.wait_for(lambda: of(history, "connection_closed"), timeout=10)
+    observer.stop()
+    conns = of(history, "connection_created")
+    assert [c["stage"] for c in conns] == ["harness"], conns
+    # Nothing of the observer: its three connections, the output-queue consumers, its trace queue.
+    consumers = of(history, "consumer_created")
+    assert [(c["stage"], c["queue"]) for c in consumers] == [("harness", "qh")]
+    assert not [e for e in history.events if e["type"] == "queue_created" and e["queue"].startswith("amq.gen")]
+    assert all(e.get("stage") is not None for e in history.events if e["type"].startswith(("connection", "channel")))
+
+
+def test_samples_follow_ready_counts(make_observer, amqp_channel, history):
+    amqp_channel.queue_declare("qs", durable=True)
+    observer = make_observer(["qs", "missing"], sample_interval=0.05)
+    assert observer.wait_for(lambda: observer.samples >= 2, timeout=5)
+    assert observer.ready("qs") == 0 and observer.ready("missing") is None
+    for _ in range(3):
+        amqp_channel.basic_publish("", "qs", b"{}")
+    assert observer.wait_for_ready("qs", 3, timeout=5) == 3
+    observer.add_queue("later")
+    amqp_channel.queue_declare("later", durable=True)
+    assert observer.wait_for(lambda: observer.ready("later") == 0, timeout=5)
+    amqp_channel.queue_delete("qs")
+    assert observer.wait_for(lambda: observer.ready_counts().get("qs", 0) is None, timeout=5)
+    samples = of(history, "sample")
+    assert samples and all(set(s["ready"]) >= {"qs", "missing"} for s in samples)
+    assert any(s["ready"]["qs"] == 3 for s in samples)
+    assert all(s["ready"]["missing"] is None for s in samples)
+    # Samples keep coming at about the asked interval after missing-queue channel closes.
+    times = [s["t"] for s in samples]
+    assert len(times) >= 5 and max(b - a for a, b in zip(times, times[1:])) < 1.0
+
+
+def test_firehose_publish_and_deliver_with_summaries(make_observer, launcher, history, amqp_channel):
+    observer = make_observer(["specs"])
+    stages = launcher(observer)
+    stages.start(Stage(name="ex", kind="explorer", queue_priority=["specs"],
+                       env={"FAKE_PUBLISH_ON_DELIVERY": "os2ds_status",
+                            "FAKE_BODY": '{"scan_tag": {"scanner": {"pk": 7}, "time": "2025-01-01T00:00:00+00:00"},'
+                                         ' "status_is_error": false, "message": "", "total_objects": 1}'}))
+    assert observer.wait_for_consumers("ex", {"specs"}, timeout=20)
+    amqp_channel.basic_publish("", "specs", encode_body(SPEC),
+                               pika.BasicProperties(delivery_mode=2, content_encoding="gzip"))
+    assert observer.wait_for(lambda: observer.output_count("os2ds_status") == 1, timeout=10)
+    assert observer.wait_for(lambda: of(history, "publish", stage="ex"), timeout=5)
+
+    [pub] = of(history, "publish", stage="harness")
+    assert pub["exchange"] == "" and pub["routing_key"] == "specs" and pub["routed"] == ["specs"]
+    assert pub["msg"]["type"] == "ScanSpecMessage" and pub["msg"]["org"] == "org-1"
+    assert pub["msg"]["scan"] == "7@2025-01-01T00:00:00+00:00"
+    [dlv] = of(history, "deliver", queue="specs")
+    assert dlv["stage"] == "ex" and dlv["redelivered"] is False and dlv["msg"]["type"] == "ScanSpecMessage"
+    [status] = of(history, "publish", stage="ex")
+    assert status["routing_key"] == "os2ds_status" and status["msg"]["type"] == "StatusMessage"
+    [out] = of(history, "output")
+    assert out["queue"] == "os2ds_status" and out["msg"]["type"] == "StatusMessage"
+    # The observer's own consumption of the output queue is not a delivery in the history.
+    assert not of(history, "deliver", queue="os2ds_status")
+    assert not [e for e in history.events if e["type"] == "consumer_created" and e["queue"] in OUTPUT_QUEUES]
+
+
+def test_results_are_counted(make_observer, amqp_channel):
+    observer = make_observer()
+    matches = {"scan_spec": {"scan_tag": SCAN_TAG}, "handle": {"type": "file", "path": "a.txt"},
+               "matched": False, "matches": []}
+    for _ in range(2):  # a duplicate counts once
+        amqp_channel.basic_publish("", "os2ds_matches", encode_body(matches),
+                                   pika.BasicProperties(delivery_mode=2, content_encoding="gzip"))
+    assert observer.wait_for(lambda: observer.output_count("os2ds_matches") == 2, timeout=10)
+    assert observer.result_count() == 1
+    assert observer.output_types() == {"MatchesMessage": 2}
+
+
+def test_stop_is_idempotent_and_survives_lost_connections(make_observer, broker, vhost):
+    observer = make_observer(["q"])
+    for worker in observer._workers:  # simulate a broker that dropped every connection
+        sock = worker.connection._impl._transport._sock
+        sock.shutdown(2)
+    assert observer.wait_for(lambda: all(w.reconnects for w in observer._workers), timeout=15), observer.errors
+    assert observer.errors
+    observer.stop()
+    observer.stop()
