@@ -1,0 +1,184 @@
+"""The stage launcher: config and environment, early exits, stop_all, faults, a missing command."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import psutil
+import pytest
+
+from harness.history import HistoryWriter
+from harness.observer import Observer
+from harness.scenario import Stage
+from harness.stages import DEFAULT_COMMAND, StageExited, StageLauncher, StageStartError
+
+FAKE_STAGE = [sys.executable, str(Path(__file__).parent / "helpers" / "fake_stage.py"), "{stage}"]
+
+
+@pytest.fixture
+def history(tmp_path):
+    writer = HistoryWriter(tmp_path / "history.jsonl")
+    yield writer
+    writer.close()
+
+
+@pytest.fixture
+def make_launcher(broker, vhost, history, tmp_path):
+    launchers = []
+
+    def make(command=FAKE_STAGE, env=None, observer=None):
+        launcher = StageLauncher(command, env or {}, broker, vhost.name, tmp_path, history, observer)
+        launchers.append(launcher)
+        return launcher
+
+    yield make
+    for launcher in launchers:
+        launcher.stop_all(grace=2)
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    return predicate()
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_config_file_and_environment(make_launcher, tmp_path, broker, vhost, history):
+    dump = tmp_path / "dump.json"
+    launcher = make_launcher(command=" ".join(FAKE_STAGE), env={"LOG_LEVEL": "DEBUG", "SHARED": "engine"})
+    [proc] = launcher.start(Stage(name="w", kind="worker", queue_priority=["qa", "qb", "qa"],
+                                  env={"FAKE_DUMP": str(dump), "SHARED": "stage"}))
+    assert wait_until(lambda: dump.exists() and dump.stat().st_size, 10), proc.tail()
+    seen = json.loads(wait_until(lambda: dump.read_text() if dump.read_text().endswith("}") else "", 5))
+    assert seen["argv"][1:] == ["worker"]
+    assert seen["config"] == {"amqp": {"AMQP_HOST": broker.host, "AMQP_PORT": broker.amqp_port,
+                                       "AMQP_USER": broker.user, "AMQP_PWD": broker.password,
+                                       "AMQP_VHOST": vhost.name}}
+    env = seen["env"]
+    assert env["OS2DS_ENGINE_USER_CONFIG_PATH"] == str(tmp_path / "stages" / "w.toml")
+    assert tomllib.loads((tmp_path / "stages" / "w.toml").read_text()) == seen["config"]
+    assert env["QUEUE_PRIORITY"] == "qa qb qa"  # as written: the engine must drop duplicates itself
+    assert env["LOG_LEVEL"] == "DEBUG" and env["SHARED"] == "stage"  # stage env wins over engine env
+    assert wait_until(lambda: "consuming qa qb" in proc.tail(), 10)
+    [started] = [e for e in history.events if e["type"] == "stage_started"]
+    assert started["queue_priority"] == ["qa", "qb"] and started["kind"] == "worker" and started["role"] == "w"
+    assert os.getpgid(proc.pid) == proc.pid  # a process group of its own
+
+
+def test_no_queue_priority_means_unset(make_launcher, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUEUE_PRIORITY", "leaked from the harness")
+    dump = tmp_path / "dump.json"
+    launcher = make_launcher()
+    launcher.start(Stage(name="e", kind="explorer", env={"FAKE_DUMP": str(dump), "FAKE_DEFAULT_QUEUE": "os2ds_scan_specs"}))
+    assert wait_until(lambda: dump.exists() and dump.read_text().endswith("}"), 10)
+    env = json.loads(dump.read_text())["env"]
+    assert "QUEUE_PRIORITY" not in env
+
+
+def test_replicas_get_instance_names(make_launcher, history):
+    launcher = make_launcher()
+    procs = launcher.start(Stage(name="w", kind="worker", replicas=3, queue_priority=["q"]))
+    assert [p.name for p in procs] == ["w", "w#2", "w#3"]
+    assert len({p.pid for p in procs}) == 3
+    assert all(p.log_path.name == f"{p.name}.log" for p in procs)
+    assert wait_until(lambda: all("consuming q" in p.tail() for p in procs), 15)
+
+
+def test_a_stage_that_exits_at_once_is_reported(make_launcher, history):
+    launcher = make_launcher()
+    [proc] = launcher.start(Stage(name="crash", kind="worker", env={"FAKE_EXIT": "3", "FAKE_LINES": "50"}))
+    exits = wait_until(launcher.poll, 10)
+    assert [(e.name, e.returncode) for e in exits] == [("crash", 3)]
+    message = str(StageExited.from_exits(exits))
+    assert "crash" in message and "exit code 3" in message and f"pid {proc.pid}" in message
+    assert "fake worker line 50" in message and "fake worker line 11\n" in message
+    assert "fake worker line 10\n" not in message  # only the last 40 lines
+    assert launcher.poll() == []  # reported once
+    [exited] = [e for e in history.events if e["type"] == "stage_exited"]
+    assert exited["stage"] == "crash" and exited["returncode"] == 3 and exited["expected"] is False
+
+
+def test_stop_all_leaves_no_process(make_launcher, history):
+    launcher = make_launcher()
+    procs = launcher.start(Stage(name="polite", kind="worker", replicas=2, queue_priority=["q"]))
+    procs += launcher.start(Stage(name="stubborn", kind="worker", queue_priority=["q"], env={"FAKE_IGNORE_TERM": "1"}))
+    procs += launcher.start(Stage(name="wrapper", kind="worker", queue_priority=["q"], env={"FAKE_CHILD": "1"}))
+    assert wait_until(lambda: all("consuming q" in p.tail() for p in procs), 20), [p.tail() for p in procs]
+    child = psutil.Process(procs[-1].pid).children()[0].pid
+    started = time.monotonic()
+    exits = launcher.stop_all(grace=1.5)
+    took = time.monotonic() - started
+    assert sorted(e.name for e in exits) == ["polite", "polite#2", "stubborn", "wrapper"]
+    codes = {e.name: e.returncode for e in exits}
+    assert codes["polite"] == 0 and codes["stubborn"] == -signal.SIGKILL
+    assert all(gone(p.pid) and group_gone(p.pid) for p in procs)
+    assert gone(child)
+    assert 1.4 < took < 8
+    assert all(e["expected"] for e in history.events if e["type"] == "stage_exited")
+    assert launcher.poll() == [] and launcher.stop_all() == []  # idempotent, never raises
+
+
+def test_kill_and_restart(make_launcher, broker, vhost, history):
+    observer = Observer(broker, vhost.name, history, [])
+    observer.start()
+    try:
+        launcher = make_launcher(observer=observer)
+        [first] = launcher.start(Stage(name="w", kind="worker", queue_priority=["q"]))
+        assert observer.wait_for_consumers("w", {"q"}, 20)
+        old_pid = first.pid
+        launcher.kill("w", signal.SIGKILL)
+        assert wait_until(lambda: gone(old_pid), 5)
+        assert observer.wait_for(lambda: not observer.consumers_of("w"), 10)
+        assert launcher.poll() == []  # an exit the harness caused is not an error
+        [proc] = launcher.restart("w")
+        assert proc.pid != old_pid
+        assert observer.wait_for_consumers("w", {"q"}, 20)
+        conns = [e for e in history.events if e["type"] == "connection_created"]
+        assert [c["stage"] for c in conns] == ["w", "w"]
+        assert "restarting w" in proc.tail()
+    finally:
+        observer.stop()
+
+
+def test_a_missing_engine_command_is_a_clear_error(make_launcher):
+    launcher = make_launcher(command="/nonexistent/engine-bin {stage}")
+    with pytest.raises(StageStartError) as info:
+        launcher.start(Stage(name="w", kind="worker"))
+    message = str(info.value)
+    assert "'/nonexistent/engine-bin' not found" in message and "/nonexistent/engine-bin worker" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "Traceback" not in message
+
+
+def test_a_wrapper_whose_engine_is_missing_exits_with_its_output(make_launcher):
+    launcher = make_launcher(command=["sh", "-c", "exec /nonexistent/engine {stage}"])
+    launcher.start(Stage(name="w", kind="worker"))
+    [exit_] = wait_until(launcher.poll, 10)
+    assert exit_.returncode == 127 and "/nonexistent/engine" in exit_.tail
+
+
+def test_default_command_is_the_reference_engine():
+    assert DEFAULT_COMMAND[1:] == ["-m", "reference_engine.run_stage", "{stage}"]
