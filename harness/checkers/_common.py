@@ -1,0 +1,408 @@
+"""Shared, precomputed views of a history for the checkers.
+
+Everything here is built in one pass (or one sort) over the history, so the
+checkers stay linear or n log n in its length:
+
+- interval algebra on sorted, disjoint ``(start, end)`` lists;
+- ``QueueLevels``: from the ``sample`` events, for every queue the runs where
+  it was *observed* non-empty and the runs where it was *observed* empty
+  (both conservative: a run spans first to last observation, so a gap in the
+  sampling never invents a state), plus when the queue existed;
+- ``StageView``: per stage instance its lives (start..exit), its consumer
+  intervals with the reason each one ended, and the connection drops;
+- ``Context``: all of the above, with the run's start, its teardown instant
+  and a ``rel(t)`` helper for messages ("+12.3 s").
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from harness.checkers.model import Windows
+
+Interval = tuple[float, float]
+
+# A queue observation older than this is not carried forward: a longer gap in
+# the sampling breaks a run instead of bridging it (never invents a state).
+MAX_SAMPLE_GAP = 2.0
+# Two events this close are treated as simultaneous when one explains the other
+# (a consumer.deleted emitted by the broker for a closed connection or a
+# deleted queue can be stamped just before or after that event).
+EXPLAIN_SLACK = 1.0
+# A queue created this soon after a publish still counts as existing for it:
+# the broker's queue.created and the tracer's publish are stamped on receipt
+# by two different subscriptions.
+CREATE_SLACK = 0.25
+# Overlaps shorter than this are receipt-order noise, not an instant with two consumers.
+OVERLAP_EPSILON = 0.1
+
+TEARDOWN_PHASE = re.compile(r"teardown|stopping|shutdown|stop_stages|stages_stop", re.I)
+
+# Fault kinds, matched loosely so the fault injector may spell them its way.
+def fault_family(kind: str | None) -> str | None:
+    k = (kind or "").lower().replace("-", "_")
+    if "poison" in k:
+        return "poison"
+    if "queue" in k and ("delete" in k or "gone" in k or "drop" in k):
+        return "queue_gone"
+    if "connection" in k or "reconnect" in k or "disconnect" in k:
+        return "reconnect"
+    return None
+
+
+# ---------------------------------------------------------------- intervals
+
+def merge(intervals: Iterable[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    for a, b in sorted(intervals):
+        if b < a:
+            continue
+        if out and a <= out[-1][1]:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def intersect(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    i = j = 0
+    while i < len(xs) and j < len(ys):
+        a = max(xs[i][0], ys[j][0])
+        b = min(xs[i][1], ys[j][1])
+        if a < b:
+            out.append((a, b))
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract(xs: list[Interval], ys: list[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    j = 0
+    for a, b in xs:
+        cur = a
+        while j < len(ys) and ys[j][1] <= cur:
+            j += 1
+        k = j
+        while k < len(ys) and ys[k][0] < b:
+            if ys[k][0] > cur:
+                out.append((cur, ys[k][0]))
+            cur = max(cur, ys[k][1])
+            if cur >= b:
+                break
+            k += 1
+        if cur < b:
+            out.append((cur, b))
+    return out
+
+
+def longer_than(xs: list[Interval], length: float) -> list[Interval]:
+    return [(a, b) for a, b in xs if b - a > length]
+
+
+def covers(xs: list[Interval], t: float) -> bool:
+    i = bisect.bisect_right(xs, (t, float("inf"))) - 1
+    return i >= 0 and xs[i][0] <= t < xs[i][1]
+
+
+# ---------------------------------------------------------------- queues
+
+@dataclass
+class QueueLevels:
+    pos: dict[str, list[Interval]] = field(default_factory=dict)   # observed ready > 0
+    zero: dict[str, list[Interval]] = field(default_factory=dict)  # observed ready == 0 or queue missing
+    observed: set[str] = field(default_factory=set)
+    # existence change points per queue: sorted times and the state from then on
+    exist_t: dict[str, list[float]] = field(default_factory=dict)
+    exist_v: dict[str, list[bool]] = field(default_factory=dict)
+
+    def exists_at(self, queue: str, t: float) -> bool | None:
+        """True/False when known, None when the history says nothing about the queue.
+        A queue created up to CREATE_SLACK after ``t`` counts as existing (receipt-order noise)."""
+        return self.exists_within(queue, t, t + CREATE_SLACK)
+
+    def exists_within(self, queue: str, a: float, b: float) -> bool | None:
+        """Did the queue exist at some instant of [a, b]? None when nothing is known about it."""
+        times = self.exist_t.get(queue)
+        if not times:
+            return None
+        vals = self.exist_v[queue]
+        i = bisect.bisect_right(times, a) - 1
+        if i >= 0 and vals[i]:
+            return True
+        j = bisect.bisect_right(times, b)
+        return any(vals[k] for k in range(i + 1, j))
+
+
+def build_levels(history, end: float) -> QueueLevels:
+    lv = QueueLevels()
+    # state per queue: (kind 'pos'|'zero', run_start, last_t)
+    state: dict[str, list[Any]] = {}
+    changes: list[tuple[float, int, str, bool]] = []  # (t, order, queue, exists)
+    order = 0
+    for ev in history.of("sample"):
+        t = ev["t"]
+        ready = ev.get("ready") or {}
+        for q, n in ready.items():
+            kind = "pos" if (n is not None and n > 0) else "zero"
+            st = state.get(q)
+            if st is None:
+                state[q] = [kind, t, t, n is not None]
+                lv.observed.add(q)
+                changes.append((t, order, q, n is not None)); order += 1
+                continue
+            if st[0] != kind or t - st[2] > MAX_SAMPLE_GAP:
+                (lv.pos if st[0] == "pos" else lv.zero).setdefault(q, []).append((st[1], st[2]))
+                st[0] = kind
+                st[1] = t
+            st[2] = t
+            ex = n is not None
+            if ex != st[3]:
+                st[3] = ex
+                changes.append((t, order, q, ex)); order += 1
+    for q, st in state.items():
+        (lv.pos if st[0] == "pos" else lv.zero).setdefault(q, []).append((st[1], st[2]))
+    for q in list(lv.pos):
+        lv.pos[q] = [iv for iv in lv.pos[q] if iv[1] > iv[0]]
+    for q in list(lv.zero):
+        lv.zero[q] = [iv for iv in lv.zero[q] if iv[1] > iv[0]]
+    for ev in history.of("queue_created"):
+        changes.append((ev["t"], order, ev.get("queue"), True)); order += 1
+    for ev in history.of("queue_deleted"):
+        changes.append((ev["t"], order, ev.get("queue"), False)); order += 1
+    changes.sort()
+    for t, _, q, ex in changes:
+        lv.exist_t.setdefault(q, []).append(t)
+        lv.exist_v.setdefault(q, []).append(ex)
+    return lv
+
+
+# ---------------------------------------------------------------- stages
+
+@dataclass
+class Consumer:
+    stage: str
+    queue: str
+    start: float
+    end: float
+    reason: str  # 'cancel' (stage's own), 'exit', 'conn_closed', 'queue_deleted', 'teardown', 'open'
+    tag: str | None = None
+    chan: str | None = None
+
+
+@dataclass
+class StageView:
+    name: str
+    kind: str | None
+    role: str | None
+    priority: list[str]
+    lives: list[Interval] = field(default_factory=list)      # [start, exit or run end)
+    exits: list[dict[str, Any]] = field(default_factory=list)
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    drops: list[float] = field(default_factory=list)          # connection_closed / channel_closed times
+
+    def on(self, queue: str) -> list[Interval]:
+        return merge((c.start, c.end) for c in self.consumers if c.queue == queue)
+
+    def on_any(self, queues: Iterable[str]) -> list[Interval]:
+        qs = set(queues)
+        return merge((c.start, c.end) for c in self.consumers if c.queue in qs)
+
+    def segments(self, until: float) -> list[Interval]:
+        """Consuming segments: from the first consumer on a priority queue after each (re)start or
+        connection drop, to the next drop, the exit, or ``until`` (teardown)."""
+        cuts = sorted(self.drops)
+        pq = set(self.priority)
+        starts = sorted(c.start for c in self.consumers if c.queue in pq)
+        out: list[Interval] = []
+        for a, b in self.lives:
+            b = min(b, until)
+            bounds = [a] + [d for d in cuts if a < d < b] + [b]
+            for s, e in zip(bounds, bounds[1:]):
+                i = bisect.bisect_left(starts, s)
+                if i < len(starts) and starts[i] < e:
+                    out.append((starts[i], e))
+        return out
+
+
+@dataclass
+class Context:
+    history: Any
+    scenario: Any
+    windows: Windows
+    start: float
+    end: float
+    teardown: float
+    levels: QueueLevels
+    stages: dict[str, StageView]
+
+    def rel(self, t: float | None) -> str:
+        if t is None:
+            return "?"
+        return f"+{t - self.start:.1f} s"
+
+    def span(self, a: float, b: float) -> str:
+        return f"{self.rel(a)}..{self.rel(b)} ({b - a:.1f} s)"
+
+    @property
+    def qp_stages(self) -> list[StageView]:
+        return [s for s in self.stages.values() if s.priority]
+
+
+def build_context(history, scenario, windows: Windows) -> Context:
+    cached = getattr(history, "_qp_context", None)
+    if cached is not None and cached[0] == windows and cached[1] is scenario:
+        return cached[2]
+    started = history.of("run_started")
+    start = started[0]["t"] if started else history.start
+    end = history.end
+    teardown = end
+    for ev in history.of("phase"):
+        if TEARDOWN_PHASE.search(str(ev.get("name", ""))):
+            teardown = min(teardown, ev["t"])
+            break
+    for ev in history.of("run_finished"):
+        teardown = min(teardown, ev["t"])
+    levels = build_levels(history, end)
+    stages = _build_stages(history, end, teardown, windows)
+    ctx = Context(history, scenario, windows, start, end, teardown, levels, stages)
+    try:
+        history._qp_context = (windows, scenario, ctx)
+    except AttributeError:
+        pass
+    return ctx
+
+
+def _build_stages(history, end: float, teardown: float, windows: Windows) -> dict[str, StageView]:
+    stages: dict[str, StageView] = {}
+    for ev in history.of("stage_started"):
+        name = ev.get("stage")
+        sv = stages.get(name)
+        if sv is None:
+            sv = stages[name] = StageView(name, ev.get("kind"), ev.get("role"),
+                                          list(dict.fromkeys(ev.get("queue_priority") or [])))
+        sv.starts.append(ev)
+    exits_by_stage: dict[str, list[float]] = {}
+    for ev in history.of("stage_exited"):
+        if ev.get("stage") in stages:
+            stages[ev["stage"]].exits.append(ev)
+            exits_by_stage.setdefault(ev["stage"], []).append(ev["t"])
+    for sv in stages.values():
+        exits = sorted(e["t"] for e in sv.exits)
+        for st in sv.starts:
+            i = bisect.bisect_left(exits, st["t"])
+            sv.lives.append((st["t"], exits[i] if i < len(exits) else end))
+
+    chan_conn: dict[Any, Any] = {}
+    open_: dict[tuple, Consumer] = {}
+    by_stage_open: dict[str, set] = {}
+    drops_by_stage: dict[str, list[float]] = {}
+    qdel: dict[str, list[float]] = {}
+    relevant = ("consumer_created", "consumer_deleted", "channel_created", "channel_closed",
+                "connection_closed", "queue_deleted", "stage_exited")
+    events = history.of(*relevant)
+    closed: list[Consumer] = []
+
+    def close(key, t, reason):
+        c = open_.pop(key)
+        by_stage_open.get(c.stage, set()).discard(key)
+        c.end, c.reason = t, reason
+        closed.append(c)
+
+    for ev in events:
+        typ = ev["type"]
+        t = ev["t"]
+        if typ == "consumer_created":
+            stage = ev.get("stage")
+            if stage is None or stage == "harness":
+                continue
+            key = (ev.get("chan"), ev.get("tag"), stage, ev.get("queue"))
+            if key in open_:
+                close(key, t, "cancel")
+            open_[key] = Consumer(stage, ev.get("queue"), t, end, "open", ev.get("tag"), ev.get("chan"))
+            by_stage_open.setdefault(stage, set()).add(key)
+        elif typ == "consumer_deleted":
+            stage = ev.get("stage")
+            key = (ev.get("chan"), ev.get("tag"), stage, ev.get("queue"))
+            if key not in open_:
+                # the observer may not know the owner at deletion time: match by tag
+                key = next((k for k in by_stage_open.get(stage, ()) if k[1] == ev.get("tag")), None) if stage else None
+                if key is None:
+                    key = next((k for k in open_ if k[1] == ev.get("tag") and k[3] == ev.get("queue")), None)
+                if key is None:
+                    continue
+            close(key, t, "cancel")
+        elif typ == "channel_created":
+            chan_conn[ev.get("chan")] = ev.get("conn")
+        elif typ == "channel_closed":
+            stage = ev.get("stage")
+            keys = [k for k in open_ if k[0] == ev.get("chan") and ev.get("chan") is not None]
+            for k in keys:
+                close(k, t, "conn_closed")
+            if stage:
+                drops_by_stage.setdefault(stage, []).append(t)
+        elif typ == "connection_closed":
+            stage = ev.get("stage")
+            conn = ev.get("conn")
+            keys = [k for k in open_ if k[0] is not None and chan_conn.get(k[0]) == conn and conn is not None]
+            if not keys and stage:
+                keys = [k for k in list(by_stage_open.get(stage, ())) if k[0] not in chan_conn or chan_conn.get(k[0]) == conn]
+            for k in keys:
+                close(k, t, "conn_closed")
+            if stage:
+                drops_by_stage.setdefault(stage, []).append(t)
+        elif typ == "queue_deleted":
+            q = ev.get("queue")
+            qdel.setdefault(q, []).append(t)
+            for k in [k for k in open_ if k[3] == q]:
+                close(k, t, "queue_deleted")
+        elif typ == "stage_exited":
+            for k in list(by_stage_open.get(ev.get("stage"), ())):
+                close(k, t, "exit")
+    for k in list(open_):
+        close(k, end, "open")
+
+    # A broker-side consumer.deleted stamped next to the event that caused it is not a cancel.
+    for c in closed:
+        if c.reason != "cancel":
+            continue
+        t = c.end
+        if t >= teardown:
+            c.reason = "teardown"
+        elif _near(qdel.get(c.queue, ()), t - EXPLAIN_SLACK, t + EXPLAIN_SLACK):
+            c.reason = "queue_deleted"
+        elif _near(drops_by_stage.get(c.stage, ()), t - EXPLAIN_SLACK, t + EXPLAIN_SLACK):
+            c.reason = "conn_closed"
+        elif _near(exits_by_stage.get(c.stage, ()), t - EXPLAIN_SLACK, t + windows.W):
+            c.reason = "exit"
+    for c in closed:
+        sv = stages.get(c.stage)
+        if sv is not None:
+            sv.consumers.append(c)
+    for name, ds in drops_by_stage.items():
+        if name in stages:
+            stages[name].drops = sorted(ds)
+    for sv in stages.values():
+        sv.consumers.sort(key=lambda c: (c.start, c.end))
+    return stages
+
+
+def _near(times, a: float, b: float) -> bool:
+    if not times:
+        return False
+    times = sorted(times) if not isinstance(times, list) else times
+    i = bisect.bisect_left(times, a)
+    return i < len(times) and times[i] <= b
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2

@@ -1,0 +1,93 @@
+"""CF-*: static lint of a scenario's clients against its stages. No history, no broker."""
+from __future__ import annotations
+
+from harness.checkers.model import ClauseResult, Finding
+from harness.messages import DEFAULT_CONVERSION_QUEUE, DEFAULT_EXPLORER_QUEUE
+
+EXPLORER_FIELDS = ("explorer_full_queue", "explorer_delta_queue")
+CONVERSION_FIELDS = ("conversion_full_queue", "conversion_delta_queue")
+DEFAULT_READ = {"explorer": DEFAULT_EXPLORER_QUEUE, "worker": DEFAULT_CONVERSION_QUEUE}
+
+
+def readable(stage) -> set[str]:
+    """The queues a stage reads: its QUEUE_PRIORITY plus its kind's default queue, which the engine
+    always consumes too (ENGINE_CONTRACT.md section 2)."""
+    return set(stage.priority) | {DEFAULT_READ[stage.kind]}
+
+
+def check_align(scenario) -> ClauseResult:
+    """Rule: every queue named by a client's explorer fields is read by at least one explorer stage,
+    every queue named by its conversion fields by at least one worker stage."""
+    findings = []
+    n = 0
+    by_kind = {k: set().union(*[readable(s) for s in scenario.stages if s.kind == k] or [set()])
+               for k in ("explorer", "worker")}
+    for ci, client in enumerate(scenario.clients):
+        for kind, fields in (("explorer", EXPLORER_FIELDS), ("worker", CONVERSION_FIELDS)):
+            for f in fields:
+                n += 1
+                q = getattr(client, f)
+                if q not in by_kind[kind]:
+                    names = [s.name for s in scenario.stages if s.kind == kind]
+                    who = f"any of its {kind} stages ({', '.join(names)})" if names else f"any {kind} (the scenario has none)"
+                    findings.append(Finding(
+                        "CF-ALIGN",
+                        f"Client {client.name}'s {f} is {q}, which is not in the QUEUE_PRIORITY (or default queue) "
+                        f"of {who}: its messages would never be consumed.",
+                        None, [q], None, None, [{"field": f"clients.{ci}.{f}", "value": q}]))
+    return ClauseResult("CF-ALIGN", "failed" if findings else ("passed" if n else "not_exercised"),
+                        f"{n} client queue fields checked", findings)
+
+
+def check_no_dup(scenario) -> ClauseResult:
+    """Rule: no stage's QUEUE_PRIORITY (as written, before de-duplication) names a queue twice."""
+    findings = []
+    n = 0
+    for si, stage in enumerate(scenario.stages):
+        if not stage.queue_priority:
+            continue
+        n += 1
+        seen: set[str] = set()
+        for qi, q in enumerate(stage.queue_priority):
+            if q in seen:
+                findings.append(Finding(
+                    "CF-NO-DUP",
+                    f"Stage {stage.name}'s QUEUE_PRIORITY lists {q} twice "
+                    f"({' '.join(stage.queue_priority)}); the engine keeps only the first.",
+                    stage.name, [q], None, None, [{"field": f"stages.{si}.queue_priority.{qi}", "value": q}]))
+            seen.add(q)
+    return ClauseResult("CF-NO-DUP", "failed" if findings else ("passed" if n else "not_exercised"),
+                        f"{n} QUEUE_PRIORITY lists checked", findings)
+
+
+def check_one_type(scenario) -> ClauseResult:
+    """Rule: no queue name is both an explorer queue (a client's explorer fields, an explorer's read
+    queues) and a conversion queue (a client's conversion fields, a worker's read queues)."""
+    uses: dict[str, dict[str, list[str]]] = {}
+    for ci, c in enumerate(scenario.clients):
+        for f in EXPLORER_FIELDS:
+            uses.setdefault(getattr(c, f), {}).setdefault("explorer", []).append(f"clients.{ci}.{f} ({c.name})")
+        for f in CONVERSION_FIELDS:
+            uses.setdefault(getattr(c, f), {}).setdefault("conversion", []).append(f"clients.{ci}.{f} ({c.name})")
+    for si, s in enumerate(scenario.stages):
+        role = "explorer" if s.kind == "explorer" else "conversion"
+        for q in s.priority:
+            uses.setdefault(q, {}).setdefault(role, []).append(f"stages.{si}.queue_priority ({s.name})")
+    findings = []
+    for q, kinds in uses.items():
+        if len(kinds) > 1:
+            findings.append(Finding(
+                "CF-ONE-TYPE",
+                f"Queue {q} is used both as an explorer queue ({kinds['explorer'][0]}) and as a conversion "
+                f"queue ({kinds['conversion'][0]}).",
+                None, [q], None, None, [{"explorer": kinds["explorer"], "conversion": kinds["conversion"]}]))
+    n = len(uses)
+    return ClauseResult("CF-ONE-TYPE", "failed" if findings else ("passed" if n else "not_exercised"),
+                        f"{n} queue names checked", findings)
+
+
+LINTS = {"CF-ALIGN": check_align, "CF-NO-DUP": check_no_dup, "CF-ONE-TYPE": check_one_type}
+
+
+def lint(scenario) -> list[ClauseResult]:
+    return [f(scenario) for f in LINTS.values()]

@@ -1,0 +1,109 @@
+"""DL-EXACTLY-ONCE: every planned object produces exactly one result (Jepsen total-queue style)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from harness.checkers._common import Context
+from harness.checkers.model import ClauseResult, Finding
+
+RESULT_QUEUE = "os2ds_matches"
+PROBLEM_QUEUE = "os2ds_problems"
+EXAMPLES = 5
+
+
+def _obj(path):
+    return path.lstrip("/") if isinstance(path, str) else path
+
+
+@dataclass
+class Tally:
+    expected: set = field(default_factory=set)
+    results: Counter = field(default_factory=Counter)     # (scan, object) -> MatchesMessages
+    problems: Counter = field(default_factory=Counter)    # (scan, object) -> ProblemMessages with an object
+    scans: int = 0
+    source: str = ""
+
+    @property
+    def lost(self) -> list:
+        return sorted(k for k in self.expected if not self.results.get(k) and not self.problems.get(k))
+
+    @property
+    def duplicated(self) -> dict:
+        return {k: n for k, n in sorted(self.results.items()) if n > 1}
+
+    @property
+    def unexpected(self) -> list:
+        return sorted(k for k in self.results if k not in self.expected)
+
+    @property
+    def as_problem(self) -> list:
+        return sorted(k for k in self.expected if not self.results.get(k) and self.problems.get(k))
+
+
+def tally(ctx: Context) -> Tally:
+    """Results are MatchesMessages routed to os2ds_matches (from the tracer's publishes; from the
+    observer's ``output`` reads when the history has no such publish). An object with no result but a
+    ProblemMessage naming it (os2ds_problems) is reported, not lost."""
+    t = Tally()
+    plans = ctx.history.of("scan_planned")
+    t.scans = len(plans)
+    for p in plans:
+        for o in p.get("objects") or ():
+            t.expected.add((p.get("scan"), _obj(o)))
+    pubs = [e for e in ctx.history.of("publish") if e.get("exchange", "") == "" and
+            e.get("routing_key") in (RESULT_QUEUE, PROBLEM_QUEUE)]
+    if any(e.get("routing_key") == RESULT_QUEUE for e in pubs):
+        events, key, t.source = pubs, "routing_key", "published"
+    else:
+        events = [e for e in ctx.history.of("output") if e.get("queue") in (RESULT_QUEUE, PROBLEM_QUEUE)]
+        key, t.source = "queue", "read from output queues"
+    for e in events:
+        msg = e.get("msg") or {}
+        if msg.get("scan") is None:
+            continue
+        k = (msg.get("scan"), _obj(msg.get("object")))
+        if e.get(key) == RESULT_QUEUE and msg.get("type") == "MatchesMessage":
+            t.results[k] += 1
+        elif e.get(key) == PROBLEM_QUEUE and msg.get("type") == "ProblemMessage" and msg.get("object"):
+            t.problems[k] += 1
+    return t
+
+
+def _ex(keys) -> str:
+    keys = list(keys)
+    shown = ", ".join(f"{o} ({s})" for s, o in keys[:EXAMPLES])
+    return shown + (f", … {len(keys) - EXAMPLES} more" if len(keys) > EXAMPLES else "")
+
+
+def check_exactly_once(ctx: Context) -> ClauseResult:
+    t = tally(ctx)
+    allow = bool(ctx.scenario is not None and ctx.scenario.checks.allow_duplicates)
+    lost, dup, unexp = t.lost, t.duplicated, t.unexpected
+    metrics = {"expected": len(t.expected), "lost": len(lost), "duplicated": len(dup), "unexpected": len(unexp),
+               "as_problem": len(t.as_problem), "results": sum(t.results.values()), "source": t.source,
+               "duplicates_allowed": allow}
+    exercised = f"{len(t.expected)} objects of {t.scans} scans checked"
+    if not t.expected and not t.results:
+        return ClauseResult("DL-EXACTLY-ONCE", "not_exercised", "0 objects planned", [], metrics)
+    findings = []
+    if lost:
+        findings.append(Finding("DL-EXACTLY-ONCE",
+                                f"{len(lost)} of {len(t.expected)} objects produced no result: {_ex(lost)}.",
+                                None, [RESULT_QUEUE], None, None, [{"lost": [list(k) for k in lost[:50]]}]))
+    if dup and not allow:
+        findings.append(Finding("DL-EXACTLY-ONCE",
+                                f"{len(dup)} objects produced more than one result "
+                                f"({sum(dup.values())} results in all): {_ex(dup)}.",
+                                None, [RESULT_QUEUE], None, None,
+                                [{"duplicated": [[s, o, n] for (s, o), n in list(dup.items())[:50]]}]))
+    if unexp:
+        findings.append(Finding("DL-EXACTLY-ONCE",
+                                f"{len(unexp)} results are for objects no scan planned: {_ex(unexp)}.",
+                                None, [RESULT_QUEUE], None, None, [{"unexpected": [list(k) for k in unexp[:50]]}]))
+    if dup and allow:
+        exercised += f" ({len(dup)} duplicated, allowed)"
+    return ClauseResult("DL-EXACTLY-ONCE", "failed" if findings else "passed", exercised, findings, metrics)
+
+
+CHECKS = {"DL-EXACTLY-ONCE": check_exactly_once}

@@ -1,0 +1,245 @@
+"""FT-*: robustness, judged around the history's ``fault`` events.
+
+Fault kinds are matched by family (``_common.fault_family``): a kind containing "poison" is
+FT-POISON's, one naming a queue and "delete"/"gone" FT-QUEUE-GONE's, one naming a "connection"
+or "reconnect" FT-RECONNECT's. A clause with no fault of its family is not exercised.
+"""
+from __future__ import annotations
+
+import bisect
+
+from harness.checkers._common import Context, fault_family, intersect, merge
+from harness.checkers.dl import _ex, tally
+from harness.checkers.model import ClauseResult, Finding
+from harness.messages import UNPARSEABLE
+
+# How long after a fault request the broker's own event (queue.deleted, connection.closed) may come.
+FAULT_EFFECT_WINDOW = 30.0
+
+
+def _faults(ctx: Context, family: str) -> list[dict]:
+    return [f for f in ctx.history.of("fault") if fault_family(f.get("kind")) == family]
+
+
+def _first_after(events, t0, t1, pred):
+    for e in events:
+        if e["t"] < t0:
+            continue
+        if e["t"] > t1:
+            return None
+        if pred(e):
+            return e
+    return None
+
+
+def _exit_between(sv, a, b):
+    for e in sv.exits:
+        if a < e["t"] < b:
+            return e
+    return None
+
+
+def _deliveries(ctx: Context) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for e in ctx.history.of("deliver"):
+        out.setdefault(e.get("stage"), []).append(e["t"])
+    return out
+
+
+def _silent(times: list[float], a: float, b: float, gap: float):
+    """First stretch longer than ``gap`` inside [a, b] with no time from ``times``."""
+    i = bisect.bisect_left(times, a)
+    prev = a
+    while i < len(times) and times[i] <= b:
+        if times[i] - prev > gap:
+            return prev, times[i]
+        prev = times[i]
+        i += 1
+    return (prev, b) if b - prev > gap else None
+
+
+def _stages_reading(ctx: Context, queue: str, t: float):
+    out = []
+    for sv in ctx.stages.values():
+        reads = set(sv.priority) | {q for st in sv.starts for q in (st.get("read_queues") or [])}
+        if queue in reads and any(a <= t < b for a, b in sv.lives):
+            out.append(sv)
+    return out
+
+
+def check_queue_gone(ctx: Context) -> ClauseResult:
+    """Rule, per queue-deletion fault on queue q (timed from the broker's queue_deleted when there is
+    one within 30 s): every stage reading q that was alive then must (a) not exit before teardown, and
+    (b) while any of its other queues had ready messages (observed non-empty), receive a delivery at
+    least every 2W. The other clauses keep judging its priorities; the deleted queue's consumer ending
+    is legitimate for them."""
+    W = ctx.windows.W
+    faults = _faults(ctx, "queue_gone")
+    if not faults:
+        return ClauseResult("FT-QUEUE-GONE", "not_exercised", "0 queue deletions")
+    dels = ctx.history.of("queue_deleted")
+    deliv = _deliveries(ctx)
+    findings, judged = [], 0
+    for f in faults:
+        q = f.get("target")
+        ev = _first_after(dels, f["t"] - 1, f["t"] + FAULT_EFFECT_WINDOW, lambda e: e.get("queue") == q)
+        if ev is None:
+            continue  # the fault never took effect
+        td = ev["t"]
+        for sv in _stages_reading(ctx, q, td):
+            judged += 1
+            ex = _exit_between(sv, td, ctx.teardown)
+            if ex is not None:
+                findings.append(Finding(
+                    "FT-QUEUE-GONE",
+                    f"Stage {sv.name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])}, "
+                    f"{ex['t'] - td:.1f} s after its queue {q} was deleted.", sv.name, [q], td, ex["t"], [ev, ex]))
+                continue
+            others = [x for x in sv.priority if x != q]
+            work = intersect(merge(iv for x in others for iv in ctx.levels.pos.get(x, ())),
+                             [(td, min(ctx.teardown, ctx.end))])
+            if not ctx.history.of("deliver"):
+                continue
+            times = deliv.get(sv.name, [])
+            for a, b in work:
+                gap = _silent(times, a, b, 2 * W)
+                if gap:
+                    findings.append(Finding(
+                        "FT-QUEUE-GONE",
+                        f"Stage {sv.name} received nothing for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}) after its "
+                        f"queue {q} was deleted, although {', '.join(others)} had ready messages.",
+                        sv.name, [q] + others, gap[0], gap[1], [ev]))
+                    break
+    if judged == 0 and not findings:
+        return ClauseResult("FT-QUEUE-GONE", "not_exercised", f"{len(faults)} queue-deletion faults, none took effect on a running stage")
+    return ClauseResult("FT-QUEUE-GONE", "failed" if findings else "passed", f"{judged} stage(s) judged after a queue deletion", findings)
+
+
+def check_poison(ctx: Context) -> ClauseResult:
+    """Rule, per poison fault on queue q (or on a stage: its read queues): the poison messages are the
+    harness's publishes to q within [fault - 1 s, fault + 5 s] (Unparseable ones when there are any).
+    Then (a) no stage reading q exits before teardown; (b) the poison is not requeued in a loop: at
+    most 2 deliveries per poison message; (c) a ProblemMessage is published (or read from an output
+    queue) after the first poison delivery; (d) while a stage holds a consumer on q and q has ready
+    messages, something is delivered from q at least every 2W."""
+    W = ctx.windows.W
+    faults = _faults(ctx, "poison")
+    if not faults:
+        return ClauseResult("FT-POISON", "not_exercised", "0 poison messages")
+    pubs = ctx.history.of("publish")
+    findings, judged = [], 0
+    problems = [e["t"] for e in ctx.history.of("publish", "output") if (e.get("msg") or {}).get("type") == "ProblemMessage"]
+    for f in faults:
+        target = f.get("target")
+        queues = [target]
+        if target in ctx.stages:
+            queues = ctx.stages[target].priority or [s.get("read_queues") for s in ctx.stages[target].starts][0] or []
+        for q in queues:
+            cand = [e for e in pubs if f["t"] - 1 <= e["t"] <= f["t"] + 5 and e.get("routing_key") == q
+                    and e.get("stage") == "harness"]
+            poison = [e for e in cand if (e.get("msg") or {}).get("type") == UNPARSEABLE] or cand[:1]
+            readers = _stages_reading(ctx, q, f["t"])
+            if not readers or not poison:
+                continue
+            judged += len(poison)
+            t0 = poison[0]["t"]
+            for sv in readers:
+                ex = _exit_between(sv, t0, ctx.teardown)
+                if ex is not None:
+                    findings.append(Finding(
+                        "FT-POISON",
+                        f"Stage {sv.name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])}, "
+                        f"{ex['t'] - t0:.1f} s after a poison message was put in {q}.",
+                        sv.name, [q], t0, ex["t"], [poison[0], ex]))
+            ptype = (poison[0].get("msg") or {}).get("type")
+            pdel = [e for e in ctx.history.of("deliver") if e["t"] >= t0 and e.get("queue") == q
+                    and (e.get("msg") or {}).get("type") == ptype and ptype == UNPARSEABLE]
+            if len(pdel) > 2 * len(poison):
+                findings.append(Finding(
+                    "FT-POISON",
+                    f"The poison message in {q} was delivered {len(pdel)} times (from {ctx.rel(pdel[0]['t'])} to "
+                    f"{ctx.rel(pdel[-1]['t'])}): it is requeued instead of rejected.",
+                    pdel[0].get("stage"), [q], pdel[0]["t"], pdel[-1]["t"], pdel[:3]))
+            if pdel:
+                first = pdel[0]["t"]
+                i = bisect.bisect_left(problems, first - 0.5)
+                if i >= len(problems) and ctx.end - first > W:
+                    findings.append(Finding(
+                        "FT-POISON",
+                        f"Stage {pdel[0].get('stage')} received the poison message from {q} at {ctx.rel(first)} "
+                        f"but no ProblemMessage was reported for it.", pdel[0].get("stage"), [q], first, ctx.end, pdel[:1]))
+            times = sorted(e["t"] for e in ctx.history.of("deliver") if e.get("queue") == q)
+            consumed = merge(iv for sv in readers for iv in sv.on(q))
+            busy = intersect(intersect(ctx.levels.pos.get(q, []), consumed), [(t0, min(ctx.teardown, ctx.end))])
+            for a, b in busy:
+                gap = _silent(times, a, b, 2 * W)
+                if gap:
+                    findings.append(Finding(
+                        "FT-POISON",
+                        f"Queue {q} was blocked after the poison message: consumed and holding ready messages, yet "
+                        f"nothing was delivered from it for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}).",
+                        None, [q], gap[0], gap[1], poison[:1]))
+                    break
+    if judged == 0 and not findings:
+        return ClauseResult("FT-POISON", "not_exercised", f"{len(faults)} poison faults, no poison publish into a consumed queue seen")
+    return ClauseResult("FT-POISON", "failed" if findings else "passed", f"{judged} poison messages judged", findings)
+
+
+def check_reconnect(ctx: Context) -> ClauseResult:
+    """Rule, per connection-close fault on stage S, timed from the broker's connection_closed (or
+    channel_closed) for S within 30 s of the request: (a) S does not exit before it consumes again;
+    (b) S creates a consumer again within G of the close (not judged when the run ends first);
+    (c) it holds a consumer on its first queue within W of that first new consumer; (d) no planned
+    object is lost (DL-EXACTLY-ONCE's tally; duplicates allowed)."""
+    W, G = ctx.windows.W, ctx.windows.G
+    faults = _faults(ctx, "reconnect")
+    if not faults:
+        return ClauseResult("FT-RECONNECT", "not_exercised", "0 connection closes")
+    closes = ctx.history.of("connection_closed", "channel_closed")
+    findings, judged = [], 0
+    for f in faults:
+        name = f.get("target")
+        sv = ctx.stages.get(name)
+        if sv is None:
+            continue
+        ev = _first_after(closes, f["t"] - 1, f["t"] + FAULT_EFFECT_WINDOW, lambda e: e.get("stage") == name)
+        if ev is None:
+            continue
+        tc = ev["t"]
+        judged += 1
+        again = sorted(c.start for c in sv.consumers if c.start > tc)
+        tr = again[0] if again else None
+        ex = _exit_between(sv, tc, min(tr if tr is not None else ctx.teardown, ctx.teardown))
+        if ex is not None:
+            findings.append(Finding(
+                "FT-RECONNECT",
+                f"Stage {name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])} instead of reconnecting "
+                f"after the broker closed its connection at {ctx.rel(tc)}.", name, [], tc, ex["t"], [ev, ex]))
+            continue
+        if tr is None or tr - tc > G:
+            if min(ctx.end, ctx.teardown) - tc > G:
+                findings.append(Finding(
+                    "FT-RECONNECT",
+                    f"Stage {name} did not consume again within G = {G:g} s after the broker closed its connection "
+                    f"at {ctx.rel(tc)}.", name, [], tc, tc + G, [ev]))
+            continue
+        if sv.priority:
+            q0 = sv.priority[0]
+            if not any(c.queue == q0 and c.start < tr + W and c.end > tc for c in sv.consumers if c.start > tc):
+                findings.append(Finding(
+                    "FT-RECONNECT",
+                    f"Stage {name} reconnected at {ctx.rel(tr)} but held no consumer on its first queue {q0} "
+                    f"within W = {W:g} s.", name, [q0], tr, tr + W, [ev]))
+    if judged == 0 and not findings:
+        return ClauseResult("FT-RECONNECT", "not_exercised",
+                            f"{len(faults)} connection-close faults, the broker closed no stage connection")
+    t = tally(ctx)
+    lost = t.lost
+    if lost:
+        findings.append(Finding("FT-RECONNECT",
+                                f"{len(lost)} of {len(t.expected)} objects were lost across the reconnect: {_ex(lost)}.",
+                                None, [], None, None, [{"lost": [list(k) for k in lost[:50]]}]))
+    return ClauseResult("FT-RECONNECT", "failed" if findings else "passed", f"{judged} connection closes judged", findings)
+
+
+CHECKS = {"FT-QUEUE-GONE": check_queue_gone, "FT-POISON": check_poison, "FT-RECONNECT": check_reconnect}
