@@ -241,11 +241,15 @@ class LocalBroker:
     def log_path(self) -> Path:
         return self.workdir / "server.log"
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_tail(self, lines: int = 30, first_errors: int = 10) -> str:
+        """The log's last lines, preceded by its first error lines (the cause is often early)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
+        tail = text[-lines:]
+        early = [line for line in text[:-lines] if "[error]" in line or "rror" in line][:first_errors]
+        return "\n".join((early + ["..."] if early else []) + tail)
 
     def start(self) -> Broker:
         bin_dir = find_rabbitmq_bin(self.bin_dir)
@@ -296,6 +300,7 @@ class LocalBroker:
                 "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
                 "RABBITMQ_ENABLED_PLUGINS": PLUGINS,
                 "RABBITMQ_PID_FILE": str(self.workdir / "rabbitmq.pid"),
+                "ERL_CRASH_DUMP": str(self.workdir / "erl_crash.dump"),
             }
             with open(self.log_path, "ab") as log:
                 # Our own epmd on a private port, so none is left behind as a daemon; it must
