@@ -207,6 +207,9 @@ class StageView:
     starts: list[dict[str, Any]] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     drops: list[float] = field(default_factory=list)          # connection_closed / channel_closed times
+    # Spans where a fault froze the stage on purpose (pause_stage .. resume_stage + W): the stage
+    # cannot react then, so the QP clauses do not judge it.
+    excused: list[Interval] = field(default_factory=list)
 
     def on(self, queue: str) -> list[Interval]:
         return merge((c.start, c.end) for c in self.consumers if c.queue == queue)
@@ -249,7 +252,7 @@ class Context:
         return f"+{t - self.start:.1f} s"
 
     def span(self, a: float, b: float) -> str:
-        return f"{self.rel(a)}..{self.rel(b)} ({b - a:.1f} s)"
+        return f"+{a - self.start:.1f}..+{b - self.start:.1f} s"
 
     @property
     def qp_stages(self) -> list[StageView]:
@@ -391,6 +394,19 @@ def _build_stages(history, end: float, teardown: float, windows: Windows) -> dic
             stages[name].drops = sorted(ds)
     for sv in stages.values():
         sv.consumers.sort(key=lambda c: (c.start, c.end))
+    paused: dict[str, float] = {}
+    for ev in history.of("fault"):
+        kind, target = str(ev.get("kind", "")), ev.get("target")
+        if target not in stages:
+            continue
+        if kind == "pause_stage":
+            paused.setdefault(target, ev["t"])
+        elif kind == "resume_stage" and target in paused:
+            stages[target].excused.append((paused.pop(target), ev["t"] + windows.W))
+    for target, t in paused.items():
+        stages[target].excused.append((t, end))
+    for sv in stages.values():
+        sv.excused = merge(sv.excused)
     return stages
 
 

@@ -32,9 +32,12 @@ def _first_after(events, t0, t1, pred):
     return None
 
 
-def _exit_between(sv, a, b):
+def _exit_between(sv, a, b, ctx: Context | None = None):
+    """The first exit of the stage in (a, b) that no kill_stage fault on it explains."""
+    kills = [f["t"] for f in ctx.history.of("fault") if f.get("kind") == "kill_stage" and f.get("target") == sv.name] \
+        if ctx is not None else []
     for e in sv.exits:
-        if a < e["t"] < b:
+        if a < e["t"] < b and not any(k - 1 <= e["t"] <= k + FAULT_EFFECT_WINDOW for k in kills):
             return e
     return None
 
@@ -88,7 +91,7 @@ def check_queue_gone(ctx: Context) -> ClauseResult:
         td = ev["t"]
         for sv in _stages_reading(ctx, q, td):
             judged += 1
-            ex = _exit_between(sv, td, ctx.teardown)
+            ex = _exit_between(sv, td, ctx.teardown, ctx)
             if ex is not None:
                 findings.append(Finding(
                     "FT-QUEUE-GONE",
@@ -136,7 +139,7 @@ def check_poison(ctx: Context) -> ClauseResult:
             queues = ctx.stages[target].priority or [s.get("read_queues") for s in ctx.stages[target].starts][0] or []
         for q in queues:
             cand = [e for e in pubs if f["t"] - 1 <= e["t"] <= f["t"] + 5 and e.get("routing_key") == q
-                    and e.get("stage") == "harness"]
+                    and e.get("stage") in ("harness", None)]
             poison = [e for e in cand if (e.get("msg") or {}).get("type") == UNPARSEABLE] or cand[:1]
             readers = _stages_reading(ctx, q, f["t"])
             if not readers or not poison:
@@ -144,7 +147,7 @@ def check_poison(ctx: Context) -> ClauseResult:
             judged += len(poison)
             t0 = poison[0]["t"]
             for sv in readers:
-                ex = _exit_between(sv, t0, ctx.teardown)
+                ex = _exit_between(sv, t0, ctx.teardown, ctx)
                 if ex is not None:
                     findings.append(Finding(
                         "FT-POISON",
@@ -209,7 +212,7 @@ def check_reconnect(ctx: Context) -> ClauseResult:
         judged += 1
         again = sorted(c.start for c in sv.consumers if c.start > tc)
         tr = again[0] if again else None
-        ex = _exit_between(sv, tc, min(tr if tr is not None else ctx.teardown, ctx.teardown))
+        ex = _exit_between(sv, tc, min(tr if tr is not None else ctx.teardown, ctx.teardown), ctx)
         if ex is not None:
             findings.append(Finding(
                 "FT-RECONNECT",

@@ -196,7 +196,7 @@ def check_precedence(ctx: Context) -> ClauseResult:
     findings: list[Finding] = []
     judged = 0
     for sv in ctx.qp_stages:
-        active = sv.segments(ctx.teardown)
+        active = subtract(sv.segments(ctx.teardown), sv.excused)
         for i in range(1, len(sv.priority)):
             qi, higher = sv.priority[i], sv.priority[:i]
             H = _higher_union(ctx, higher)
@@ -207,7 +207,7 @@ def check_precedence(ctx: Context) -> ClauseResult:
                 hit = intersect(cands, tempt)
                 starts = [a for a, _ in cands]
                 judged += len({bisect.bisect_right(starts, a) - 1 for a, _ in hit})
-            for a, b in longer_than(intersect(H, C), W):
+            for a, b in longer_than(subtract(intersect(H, C), sv.excused), W):
                 hq = _which_higher(ctx, higher, a, b)
                 findings.append(Finding(
                     "QP-PRECEDENCE",
@@ -235,7 +235,7 @@ def cancel_latencies(ctx: Context):
     for sv in ctx.qp_stages:
         for i in range(1, len(sv.priority)):
             qi, higher = sv.priority[i], sv.priority[:i]
-            H = _higher_union(ctx, higher)
+            H = subtract(_higher_union(ctx, higher), sv.excused)
             if not H:
                 continue
             hstarts = [a for a, _ in H]
@@ -303,7 +303,7 @@ def check_progress(ctx: Context) -> ClauseResult:
     judged = 0
     zero, pos = ctx.levels.zero, ctx.levels.pos
     for sv in ctx.qp_stages:
-        active = sv.segments(ctx.teardown)
+        active = subtract(sv.segments(ctx.teardown), sv.excused)
         Z = active
         for i, qi in enumerate(sv.priority):
             if i > 0:

@@ -38,7 +38,7 @@ def check_one_type(ctx: Context) -> ClauseResult:
             continue
         msg = ev.get("msg") or {}
         typ = msg.get("type") or UNPARSEABLE
-        if ev.get("stage") == "harness" and q in poisoned:
+        if ev.get("stage") in ("harness", None) and q in poisoned:
             continue
         if ctx.levels.exists_at(q, ev["t"]) is False:
             continue  # never entered a queue: RT-ROUTABLE's business

@@ -1,0 +1,118 @@
+"""A tiny builder for hand-written histories: times are seconds after the run start."""
+from __future__ import annotations
+
+from typing import Any
+
+from harness.checkers import check_all
+from harness.checkers.model import Windows
+from harness.history import History, make_event
+from harness.scenario import parse_scenario
+
+T0 = 1_000_000.0
+WINDOWS = Windows(5.0, 1.0, 30.0)  # W = 6, G = 30
+
+
+class HB:
+    def __init__(self):
+        self.events: list[dict[str, Any]] = []
+        self._tags: dict[tuple[str, str], list[str]] = {}
+        self._n = 0
+        self.ev(0.0, "run_started", version=1, scenario="test", vhost="v", seed=0)
+
+    def ev(self, t: float, type_: str, **fields) -> "HB":
+        self.events.append(make_event(type_, T0 + t, **fields))
+        return self
+
+    # stages and consumers
+    def stage(self, t, name, priority=("q0", "q1", "q2"), kind="worker", create_queues=True):
+        prio = list(priority)
+        self.ev(t, "stage_started", stage=name, role=name.split("#")[0], kind=kind, pid=100 + len(self.events),
+                queue_priority=prio, read_queues=prio or ["os2ds_conversions"])
+        if create_queues:
+            for q in prio:
+                self.ev(t + 0.5, "queue_created", queue=q, durable=True, auto_delete=False, arguments=[])
+        return self
+
+    def consume(self, t, stage, queue):
+        self._n += 1
+        tag = f"ctag{self._n}"
+        self._tags.setdefault((stage, queue), []).append(tag)
+        return self.ev(t, "consumer_created", stage=stage, queue=queue, tag=tag, chan=f"chan-{stage}", prefetch=1)
+
+    def cancel(self, t, stage, queue):
+        tag = self._tags[(stage, queue)].pop()
+        return self.ev(t, "consumer_deleted", stage=stage, queue=queue, tag=tag, chan=f"chan-{stage}")
+
+    def exit(self, t, stage, rc=0):
+        return self.ev(t, "stage_exited", stage=stage, pid=0, returncode=rc)
+
+    def conn_closed(self, t, stage):
+        return self.ev(t, "connection_closed", conn=f"conn-{stage}", name="x", stage=stage)
+
+    # queues
+    def queue(self, t, q):
+        return self.ev(t, "queue_created", queue=q, durable=True, auto_delete=False, arguments=[])
+
+    def delete(self, t, q):
+        return self.ev(t, "queue_deleted", queue=q)
+
+    def levels(self, a, b, steps: dict[str, list[tuple[float, int | None]]], dt=0.1):
+        """Samples every dt in [a, b]; steps[q] = [(t, ready), ...] change points of a step function."""
+        n = int(round((b - a) / dt))
+        for k in range(n + 1):
+            t = a + k * dt
+            ready = {}
+            for q, pts in steps.items():
+                v = 0
+                for tt, vv in pts:
+                    if tt <= t + 1e-9:
+                        v = vv
+                ready[q] = v
+            self.ev(t, "sample", ready=ready)
+        return self
+
+    # messages
+    def publish(self, t, rk, mtype="ConversionMessage", stage="explorer", exchange="", **msg):
+        return self.ev(t, "publish", exchange=exchange, routing_key=rk, stage=stage, routed=[rk] if rk else [],
+                       msg={"type": mtype, **msg})
+
+    def deliver(self, t, queue, stage, mtype="ConversionMessage", redelivered=False, **msg):
+        return self.ev(t, "deliver", queue=queue, stage=stage, redelivered=redelivered, msg={"type": mtype, **msg})
+
+    def output(self, t, queue, mtype, **msg):
+        return self.ev(t, "output", queue=queue, msg={"type": mtype, **msg})
+
+    def plan(self, t, scan, objects, client="a", org="org-a", mode="full", conversion_queue="conv_full",
+             explorer_queue="expl_full"):
+        return self.ev(t, "scan_planned", scan=scan, client=client, org=org, mode=mode, explorer_queue=explorer_queue,
+                       conversion_queue=conversion_queue, objects=list(objects), via="explorer")
+
+    def fault(self, t, kind, target, **params):
+        return self.ev(t, "fault", kind=kind, target=target, detail="test", params=params)
+
+    def phase(self, t, name):
+        return self.ev(t, "phase", name=name)
+
+    def finish(self, t, reason="complete"):
+        return self.ev(t, "run_finished", reason=reason)
+
+    def history(self) -> History:
+        return History(list(self.events))
+
+
+def scenario(**checks):
+    data = {
+        "name": "t",
+        "clients": [{"name": "a", "organisation": "org-a", "explorer_full_queue": "expl_full",
+                     "explorer_delta_queue": "expl_delta", "conversion_full_queue": "q1",
+                     "conversion_delta_queue": "q0"}],
+        "stages": [{"name": "explorer", "kind": "explorer", "queue_priority": "expl_delta expl_full"},
+                   {"name": "worker", "kind": "worker", "queue_priority": "q0 q1 q2"}],
+        "checks": checks,
+    }
+    return parse_scenario(data)
+
+
+def judge(hb: HB, clause: str, sc=None, windows=WINDOWS):
+    (res,) = check_all(hb.history(), sc if sc is not None else scenario(), windows, clauses=[clause])
+    return res
