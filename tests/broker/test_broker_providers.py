@@ -1,0 +1,140 @@
+"""Provider choice and configuration, without needing a Docker engine."""
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+
+from harness import providers
+from harness.broker import BrokerError
+from harness.providers import (DEFAULT_DOCKER_IMAGE, DockerProvision, DockerSpec, ProviderSettings,
+                               choose_provider, docker_engine_answers, parse_amqp_url)
+
+
+def choose(provider="auto", url=None, docker=False, local=False):
+    return choose_provider(ProviderSettings(provider=provider, url=url),
+                           docker_answers=lambda: docker, local_installed=lambda: local)
+
+
+@pytest.mark.parametrize("url, docker, local, expected", [
+    ("amqp://u:p@h:5672/", True, True, "external"),
+    (None, True, True, "docker"),
+    (None, False, True, "local"),
+])
+def test_auto_prefers_external_then_docker_then_local(url, docker, local, expected, monkeypatch):
+    monkeypatch.setattr(providers, "testcontainers_installed", lambda: True)
+    assert choose(url=url, docker=docker, local=local) == expected
+
+
+def test_auto_skips_docker_without_testcontainers(monkeypatch):
+    monkeypatch.setattr(providers, "testcontainers_installed", lambda: False)
+    assert choose(docker=True, local=True) == "local"
+
+
+def test_auto_with_nothing_says_how_to_get_each(monkeypatch):
+    monkeypatch.setattr(providers, "testcontainers_installed", lambda: True)
+    with pytest.raises(BrokerError) as failure:
+        choose()
+    message = str(failure.value)
+    for hint in ("--rabbitmq-url", "qp-harness[docker]", "apt-get install rabbitmq-server"):
+        assert hint in message
+
+
+@pytest.mark.parametrize("provider", ["docker", "local"])
+def test_an_explicit_provider_is_not_second_guessed(provider):
+    assert choose(provider=provider) == provider
+
+
+def test_external_needs_a_url():
+    with pytest.raises(BrokerError, match="--rabbitmq-url"):
+        choose(provider="external")
+
+
+def test_unknown_provider_is_refused():
+    with pytest.raises(BrokerError, match="unknown rabbitmq provider"):
+        choose(provider="kubernetes")
+
+
+def test_external_url_parsing():
+    broker = parse_amqp_url("amqp://ad%40min:s%2Fecret@mq.example:5673/ignored")
+    assert (broker.host, broker.amqp_port, broker.user, broker.password) == ("mq.example", 5673, "ad@min", "s/ecret")
+    assert broker.management_url == "http://mq.example:15672"
+    assert broker.provider == "external"
+    assert parse_amqp_url("amqp://u:p@h/", "http://h:8080/").management_url == "http://h:8080"
+    assert parse_amqp_url("amqp://u:p@h/").amqp_port == 5672
+    for bad in ("http://u:p@h/", "amqp://h:5672/", "amqp:///"):
+        with pytest.raises(BrokerError):
+            parse_amqp_url(bad)
+
+
+def test_docker_spec_uses_a_management_image_random_credentials_loopback_ports_and_the_event_plugin():
+    spec, other = DockerSpec(DEFAULT_DOCKER_IMAGE), DockerSpec(DEFAULT_DOCKER_IMAGE)
+    assert "management" in spec.image
+    assert spec.user != "guest" and spec.password != "guest"
+    assert (spec.user, spec.password) != (other.user, other.password)
+    assert spec.env == {"RABBITMQ_DEFAULT_USER": spec.user, "RABBITMQ_DEFAULT_PASS": spec.password}
+    assert spec.ports == {"5672/tcp": ("127.0.0.1", None), "15672/tcp": ("127.0.0.1", None)}
+    assert spec.enabled_plugins == b"[rabbitmq_management,rabbitmq_event_exchange].\n"
+
+
+def test_docker_container_is_configured_from_the_spec():
+    if providers.rabbitmq_container_class() is None:
+        pytest.skip("testcontainers is not installed (extra 'docker')")
+    # testcontainers talks to the engine when a container object is made: stand a fake client in.
+    with mock.patch("testcontainers.core.container.DockerClient"):
+        spec = DockerSpec("rabbitmq:3.10-management")
+        container = spec.container()
+    assert container.image.endswith("rabbitmq:3.10-management")
+    assert container.env["RABBITMQ_DEFAULT_USER"] == spec.user
+    assert container.env["RABBITMQ_DEFAULT_PASS"] == spec.password
+    assert container.ports["5672/tcp"] == ("127.0.0.1", None)
+    assert container.ports["15672/tcp"] == ("127.0.0.1", None)
+    transfers = container._transferable_specs
+    assert [(t[0], t[1]) for t in transfers] == [(spec.enabled_plugins, "/etc/rabbitmq/enabled_plugins")]
+
+
+def test_docker_provider_without_an_engine_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(providers, "docker_engine_answers", lambda: False)
+    with pytest.raises(BrokerError, match="no Docker engine answers"):
+        DockerProvision(ProviderSettings(provider="docker")).start(tmp_path)
+
+
+def test_options_reach_the_settings(pytestconfig):
+    from harness.broker_plugin import OPTIONS, provider_settings
+    settings = provider_settings(pytestconfig)
+    assert settings.provider in providers.PROVIDERS
+    assert {ini for _, ini, _, _ in OPTIONS} <= set(pytestconfig._parser._inidict)
+
+
+def test_help_lists_the_options_in_the_qp_harness_group(inner):
+    result = inner("def test_nothing():\n    pass\n").run("--help")
+    assert result.returncode == 0
+    section = result.stdout.split("qp-harness: queue-priority conformance", 1)[1]
+    for option in ("--rabbitmq-provider", "--rabbitmq-url", "--rabbitmq-management-url",
+                   "--rabbitmq-docker-image", "--rabbitmq-server-dir", "--rabbitmq-start-timeout", "--rabbitmq-stop"):
+        assert option in section
+    for ini in ("rabbitmq_provider", "rabbitmq_url", "rabbitmq_management_url", "rabbitmq_docker_image"):
+        assert f"  {ini} (string):" in result.stdout
+
+
+def test_ini_keys_are_honoured(inner):
+    run = inner("def test_uses_broker(broker):\n    pass\n")
+    (run.directory / "pytest.ini").write_text("[pytest]\nrabbitmq_provider = external\n")
+    result = run.run()
+    assert result.returncode != 0
+    assert "--rabbitmq-provider external needs --rabbitmq-url" in result.stdout
+
+
+@pytest.mark.skipif(not docker_engine_answers(), reason="no Docker engine answers on this machine "
+                    "(DOCKER_HOST / /var/run/docker.sock); the docker provider's live test needs one")
+def test_docker_provider_live(tmp_path):
+    provision = DockerProvision(ProviderSettings(provider="docker"))
+    provision.start(tmp_path)
+    try:
+        broker = provision.broker
+        assert broker.host in ("127.0.0.1", "localhost")
+        assert broker.management.exchange_exists("/", "amq.rabbitmq.event")
+        broker.management.create_vhost("qp-docker-live")
+        assert broker.management.vhost("qp-docker-live")["tracing"] is True
+    finally:
+        provision.close()
