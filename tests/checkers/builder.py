@@ -72,8 +72,10 @@ class HB:
         return self
 
     # messages
-    def publish(self, t, rk, mtype="ConversionMessage", stage="explorer", exchange="", **msg):
-        return self.ev(t, "publish", exchange=exchange, routing_key=rk, stage=stage, routed=[rk] if rk else [],
+    def publish(self, t, rk, mtype="ConversionMessage", stage="explorer", exchange="", routed=None, **msg):
+        if routed is None:
+            routed = [rk] if exchange == "" else ["amq.gen-broadcast"]
+        return self.ev(t, "publish", exchange=exchange, routing_key=rk, stage=stage, routed=routed,
                        msg={"type": mtype, **msg})
 
     def deliver(self, t, queue, stage, mtype="ConversionMessage", redelivered=False, **msg):

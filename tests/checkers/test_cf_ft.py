@@ -1,0 +1,185 @@
+"""CF-* (static lint) and FT-* (around fault events)."""
+from __future__ import annotations
+
+from harness.checkers import check_all, lint
+from harness.scenario import parse_scenario
+
+from .builder import HB, WINDOWS, judge
+
+
+def sc(clients, stages):
+    return parse_scenario({"name": "cf", "clients": clients, "stages": stages})
+
+
+GOOD = sc([{"name": "a", "explorer_full_queue": "ef", "explorer_delta_queue": "ed",
+            "conversion_full_queue": "cf", "conversion_delta_queue": "cd"}],
+          [{"name": "e", "kind": "explorer", "queue_priority": "ed ef"},
+           {"name": "w", "kind": "worker", "queue_priority": "cd cf"}])
+
+
+def by_clause(results):
+    return {r.clause: r for r in results}
+
+
+def test_cf_all_pass_on_aligned_scenario():
+    res = by_clause(lint(GOOD))
+    assert [r.outcome for r in res.values()] == ["passed"] * 3
+    assert res["CF-ALIGN"].exercised == "4 client queue fields checked"
+
+
+def test_cf_align_fails_on_unread_queue():
+    s = sc([{"name": "a", "conversion_full_queue": "conversions_full_vejstrand"}],
+           [{"name": "w", "kind": "worker", "queue_priority": "conversions_delta"},
+            {"name": "e", "kind": "explorer"}])
+    r = by_clause(lint(s))["CF-ALIGN"]
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == (
+        "Client a's conversion_full_queue is conversions_full_vejstrand, which is not in the QUEUE_PRIORITY (or "
+        "default queue) of any of its worker stages (w): its messages would never be consumed.")
+    assert r.findings[0].evidence[0]["field"] == "clients.0.conversion_full_queue"
+
+
+def test_cf_align_default_queues_need_stages_of_each_kind():
+    s = sc([{"name": "a"}], [{"name": "w", "kind": "worker"}])
+    r = by_clause(lint(s))["CF-ALIGN"]
+    assert r.outcome == "failed" and "any explorer (the scenario has none)" in r.findings[0].explanation
+
+
+def test_cf_no_dup_fails_on_seed_example():
+    # the seed document's own example lists conversions_full_vejstrand twice
+    s = sc([{"name": "a"}], [{"name": "w1", "kind": "worker", "queue_priority":
+            "conversions_delta_vejstrand conversions_full_vejstrand conversions_delta_magenta conversions_full_vejstrand"},
+            {"name": "e", "kind": "explorer"}])
+    r = by_clause(lint(s))["CF-NO-DUP"]
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation.startswith("Stage w1's QUEUE_PRIORITY lists conversions_full_vejstrand twice")
+
+
+def test_cf_no_dup_not_exercised_without_priority():
+    s = sc([{"name": "a"}], [{"name": "w", "kind": "worker"}, {"name": "e", "kind": "explorer"}])
+    assert by_clause(lint(s))["CF-NO-DUP"].outcome == "not_exercised"
+
+
+def test_cf_one_type_fails_on_shared_name():
+    s = sc([{"name": "a", "explorer_full_queue": "shared", "conversion_full_queue": "shared"}],
+           [{"name": "e", "kind": "explorer", "queue_priority": "shared"}, {"name": "w", "kind": "worker", "queue_priority": "shared"}])
+    r = by_clause(lint(s))["CF-ONE-TYPE"]
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation.startswith("Queue shared is used both as an explorer queue (clients.0.explorer_full_queue (a))")
+
+
+def test_cf_not_exercised_without_scenario():
+    res = check_all(HB().history(), None, WINDOWS, clauses=["CF"])
+    assert [r.outcome for r in res] == ["not_exercised"] * 3
+
+
+# ---------------------------------------------------------------- FT-QUEUE-GONE
+
+def gone(exit_at=None, deliver_until=40):
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").consume(2, "worker", "q2")
+    hb.levels(0, 45, {"q0": [(0, 0), (12, 40)], "q1": [(0, 0)], "q2": [(0, 10), (10, None)]})
+    hb.fault(10, "delete_queue", "q2").delete(10.2, "q2")
+    t = 12.5
+    while t < deliver_until:
+        hb.deliver(t, "q0", "worker")
+        t += 1.0
+    if exit_at:
+        hb.exit(exit_at, "worker", 1)
+    return hb.phase(45, "teardown").finish(45.5)
+
+
+def test_queue_gone_passes_when_stage_keeps_serving():
+    r = judge(gone(), "FT-QUEUE-GONE")
+    assert r.outcome == "passed" and r.exercised == "1 stage(s) judged after a queue deletion"
+    # the deleted queue's consumer ending is legitimate for the QP clauses
+    assert judge(gone(), "QP-FIRST-PINNED").outcome == "passed"
+
+
+def test_queue_gone_fails_when_stage_exits():
+    r = judge(gone(exit_at=11), "FT-QUEUE-GONE")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == "Stage worker exited (code 1) at +11.0 s, 0.8 s after its queue q2 was deleted."
+
+
+def test_queue_gone_fails_when_stage_stalls():
+    r = judge(gone(deliver_until=20), "FT-QUEUE-GONE")
+    assert r.outcome == "failed" and "received nothing for" in r.findings[0].explanation
+
+
+def test_queue_gone_not_exercised():
+    assert judge(HB(), "FT-QUEUE-GONE").outcome == "not_exercised"
+
+
+# ---------------------------------------------------------------- FT-POISON
+
+def poison(deliveries=1, problem=True, exit_at=None):
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").levels(0, 40, {"q0": [(0, 0), (10, 5), (16, 0)]})
+    hb.fault(10, "poison", "q0", shape="not_json").publish(10.1, "q0", "Unparseable", stage=None)
+    for k in range(deliveries):
+        hb.deliver(10.2 + k * 0.5, "q0", "worker", "Unparseable", redelivered=k > 0)
+    if problem:
+        hb.publish(10.4, "os2ds_problems", "ProblemMessage", stage="worker")
+    for k in range(5):
+        hb.deliver(11 + k, "q0", "worker")
+    if exit_at:
+        hb.exit(exit_at, "worker", -11)
+    return hb.phase(40, "teardown").finish(40.5)
+
+
+def test_poison_passes():
+    r = judge(poison(), "FT-POISON")
+    assert r.outcome == "passed" and r.exercised == "1 poison messages judged"
+
+
+def test_poison_fails_on_requeue_loop():
+    r = judge(poison(deliveries=6), "FT-POISON")
+    assert r.outcome == "failed"
+    assert "was delivered 6 times" in r.findings[0].explanation
+
+
+def test_poison_fails_without_problem_report():
+    r = judge(poison(problem=False), "FT-POISON")
+    assert r.outcome == "failed" and "no ProblemMessage" in r.findings[0].explanation
+
+
+def test_poison_fails_when_stage_dies():
+    r = judge(poison(exit_at=10.5), "FT-POISON")
+    assert r.outcome == "failed" and r.findings[0].explanation.startswith("Stage worker exited (code -11) at +10.5 s")
+
+
+def test_poison_not_exercised():
+    assert judge(HB(), "FT-POISON").outcome == "not_exercised"
+
+
+# ---------------------------------------------------------------- FT-RECONNECT
+
+def reconnect(back_at=14.0, with_q0=True):
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0")
+    hb.fault(10, "close_connection", "worker").cancel(12, "worker", "q0").conn_closed(12.01, "worker")
+    if back_at is not None:
+        hb.consume(back_at, "worker", "q0" if with_q0 else "q1")
+    hb.plan(0.5, "s1", ["a"]).publish(20, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", object="a")
+    return hb.phase(60, "teardown").finish(60.5)
+
+
+def test_reconnect_passes():
+    r = judge(reconnect(), "FT-RECONNECT")
+    assert r.outcome == "passed" and r.exercised == "1 connection closes judged"
+    assert judge(reconnect(), "QP-FIRST-PINNED").outcome == "passed"
+
+
+def test_reconnect_fails_when_never_back():
+    r = judge(reconnect(back_at=None), "FT-RECONNECT")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == ("Stage worker did not consume again within G = 30 s after the broker closed "
+                                         "its connection at +12.0 s.")
+
+
+def test_reconnect_fails_without_first_queue():
+    r = judge(reconnect(with_q0=False), "FT-RECONNECT")
+    assert r.outcome == "failed" and "held no consumer on its first queue q0" in r.findings[0].explanation
+
+
+def test_reconnect_not_exercised_when_no_close_happened():
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").fault(10, "close_connection", "worker")
+    assert judge(hb, "FT-RECONNECT").outcome == "not_exercised"

@@ -1,0 +1,168 @@
+"""RT-* and DL-EXACTLY-ONCE on hand-written histories."""
+from __future__ import annotations
+
+from .builder import HB, judge, scenario
+
+
+def queues(hb, *names, t=0.5):
+    for q in names:
+        hb.queue(t, q)
+    return hb
+
+
+# ---------------------------------------------------------------- RT-ONE-TYPE
+
+def test_one_type_passes():
+    hb = queues(HB(), "q0", "os2ds_checkups")
+    hb.publish(1, "q0").publish(2, "q0")
+    hb.publish(3, "os2ds_checkups", "MatchesMessage", stage="worker").publish(4, "os2ds_checkups", "ProblemMessage", stage="worker")
+    r = judge(hb, "RT-ONE-TYPE")
+    assert r.outcome == "passed" and r.exercised == "2 messages classified in 1 queues"
+
+
+def test_one_type_fails_on_mixed_queue():
+    hb = queues(HB(), "q0").publish(1, "q0").publish(2, "q0", "ScanSpecMessage", stage="harness")
+    r = judge(hb, "RT-ONE-TYPE")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == ("Queue q0 carried ConversionMessage (first at +1.0 s) and then ScanSpecMessage "
+                                         "at +2.0 s, published by harness.")
+
+
+def test_one_type_ignores_injected_poison():
+    hb = queues(HB(), "q0").publish(1, "q0").fault(2, "poison", "q0").publish(2.1, "q0", "Unparseable", stage=None)
+    assert judge(hb, "RT-ONE-TYPE").outcome == "passed"
+
+
+def test_one_type_not_exercised():
+    assert judge(HB(), "RT-ONE-TYPE").outcome == "not_exercised"
+
+
+# ---------------------------------------------------------------- RT-TENANT
+
+def tenant(conv_queue="conv_full", org="org-a"):
+    hb = queues(HB(), "conv_full", "conv_delta", "os2ds_matches").plan(0.8, "s1", ["a.txt"])
+    hb.publish(1, conv_queue, scan="s1", org="org-a", object="a.txt")
+    hb.publish(2, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", org=org, object="a.txt")
+    return hb
+
+
+def test_tenant_passes():
+    r = judge(tenant(), "RT-TENANT")
+    assert r.outcome == "passed" and r.exercised == "1 conversions and 1 results followed for 1 scans"
+
+
+def test_tenant_fails_on_wrong_conversion_queue():
+    r = judge(tenant(conv_queue="conv_delta"), "RT-TENANT")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation.startswith("A conversion of full scan s1 (client a) went to conv_delta instead of conv_full")
+
+
+def test_tenant_fails_on_wrong_organisation():
+    r = judge(tenant(org="org-b"), "RT-TENANT")
+    assert r.outcome == "failed" and "carries organisation org-b instead of org-a" in r.findings[0].explanation
+
+
+def test_tenant_not_exercised():
+    assert judge(HB(), "RT-TENANT").outcome == "not_exercised"
+
+
+# ---------------------------------------------------------------- RT-ROUTABLE
+
+def test_routable_passes():
+    hb = queues(HB(), "q0").publish(1, "q0")
+    hb.publish(2, "q9", stage="explorer").queue(2.1, "q9")  # created within the receipt-order slack
+    hb.publish(3, "", "CommandMessage", exchange="broadcast", stage="harness")
+    r = judge(hb, "RT-ROUTABLE")
+    assert r.outcome == "passed" and r.exercised == "3 publishes judged"
+
+
+def test_routable_fails_on_missing_queue():
+    hb = queues(HB(), "q0").publish(1, "q0").publish(2, "conversions_typo").publish(3, "conversions_typo")
+    r = judge(hb, "RT-ROUTABLE")
+    assert r.outcome == "failed" and len(r.findings) == 1
+    assert r.findings[0].explanation == ("explorer published a ConversionMessage to routing key conversions_typo at "
+                                         "+2.0 s but no queue received it (no such queue existed then); 2 such "
+                                         "publishes until +3.0 s.")
+
+
+def test_routable_fails_after_deletion_and_uses_samples():
+    hb = HB().levels(0, 3, {"q1": [(0, 0), (1.5, None)]}).publish(1, "q1").publish(2, "q1")
+    r = judge(hb, "RT-ROUTABLE")
+    assert r.outcome == "failed" and "+2.0 s" in r.findings[0].explanation
+
+
+def test_routable_fanout_with_no_bound_queue_fails():
+    hb = HB().publish(1, "", "CommandMessage", exchange="broadcast", stage="harness", routed=[])
+    r = judge(hb, "RT-ROUTABLE")
+    assert r.outcome == "failed" and "exchange 'broadcast'" in r.findings[0].explanation
+
+
+def test_routable_not_exercised():
+    assert judge(HB(), "RT-ROUTABLE").outcome == "not_exercised"
+
+
+# ---------------------------------------------------------------- RT-BROADCAST
+
+def test_broadcast_passes():
+    hb = HB().publish(1, "", "CommandMessage", exchange="broadcast", stage="harness").deliver(1.1, "amq.gen-x", "worker", "CommandMessage")
+    assert judge(hb, "RT-BROADCAST").outcome == "passed"
+
+
+def test_broadcast_fails_on_data_queue():
+    hb = queues(HB(), "q0").publish(1, "q0", "CommandMessage", stage="harness").deliver(1.1, "q0", "worker", "CommandMessage")
+    r = judge(hb, "RT-BROADCAST")
+    assert r.outcome == "failed" and len(r.findings) == 2
+    assert r.findings[0].explanation.startswith("A CommandMessage was published to the default exchange (routing key q0)")
+
+
+def test_broadcast_not_exercised():
+    assert judge(queues(HB(), "q0").publish(1, "q0"), "RT-BROADCAST").outcome == "not_exercised"
+
+
+# ---------------------------------------------------------------- DL-EXACTLY-ONCE
+
+def results(*objs, scan="s1", planned=("a", "b", "c")):
+    hb = HB().plan(0.5, scan, planned)
+    for k, o in enumerate(objs):
+        hb.publish(1 + k, "os2ds_matches", "MatchesMessage", stage="worker", scan=scan, org="org-a", object=o)
+    return hb
+
+
+def test_exactly_once_passes():
+    r = judge(results("a", "b", "c"), "DL-EXACTLY-ONCE")
+    assert r.outcome == "passed" and r.exercised == "3 objects of 1 scans checked"
+
+
+def test_exactly_once_reports_lost():
+    r = judge(results("a"), "DL-EXACTLY-ONCE")
+    assert r.outcome == "failed" and r.metrics["lost"] == 2
+    assert r.findings[0].explanation == "2 of 3 objects produced no result: b (s1), c (s1)."
+
+
+def test_exactly_once_reports_duplicates_and_unexpected():
+    r = judge(results("a", "b", "c", "c", "zzz"), "DL-EXACTLY-ONCE")
+    assert r.outcome == "failed"
+    texts = [f.explanation for f in r.findings]
+    assert texts == ["1 objects produced more than one result (2 results in all): c (s1).",
+                     "1 results are for objects no scan planned: zzz (s1)."]
+
+
+def test_exactly_once_allows_duplicates_when_asked():
+    r = judge(results("a", "b", "c", "c"), "DL-EXACTLY-ONCE", scenario(allow_duplicates=True))
+    assert r.outcome == "passed" and "1 duplicated, allowed" in r.exercised
+
+
+def test_exactly_once_problem_is_not_lost():
+    hb = results("a", "b").publish(5, "os2ds_problems", "ProblemMessage", stage="worker", scan="s1", object="c")
+    r = judge(hb, "DL-EXACTLY-ONCE")
+    assert r.outcome == "passed" and r.metrics["as_problem"] == 1
+
+
+def test_exactly_once_falls_back_to_output_reads():
+    hb = HB().plan(0.5, "s1", ["a"]).output(2, "os2ds_matches", "MatchesMessage", scan="s1", object="a")
+    r = judge(hb, "DL-EXACTLY-ONCE")
+    assert r.outcome == "passed" and r.metrics["source"] == "read from output queues"
+
+
+def test_exactly_once_not_exercised():
+    assert judge(HB(), "DL-EXACTLY-ONCE").outcome == "not_exercised"
