@@ -1,0 +1,189 @@
+"""Scenario files: every malformed file is rejected with file, field path and reason; shipped ones load."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import plugin as harness_plugin
+from harness.scenario import (CLAUSE_IDS, FAULT_KINDS, Scenario, ScenarioError, json_schema, load_scenario,
+                              parse_scenario)
+
+ROOT = Path(__file__).resolve().parent.parent
+ERRORS = sorted((ROOT / "tests" / "scenario_errors").glob("*.yaml"))
+SHIPPED = sorted((ROOT / "scenarios").rglob("*.yaml")) + sorted((ROOT / "suites").rglob("*.yaml"))
+
+
+def expected_path(path: Path) -> str:
+    match = re.search(r"^# expect: (.+)$", path.read_text(encoding="utf-8"), re.MULTILINE)
+    assert match, f"{path.name} has no '# expect: <field path>' line"
+    return match.group(1).strip()
+
+
+def rejection(path: Path | str) -> ScenarioError:
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    return info.value
+
+
+def locations(error: ScenarioError) -> list[str]:
+    return [loc or "<file>" for loc, _ in error.problems]
+
+
+def test_there_are_at_least_twenty_malformed_files():
+    assert len(ERRORS) >= 20
+
+
+@pytest.mark.parametrize("path", ERRORS, ids=lambda p: p.stem)
+def test_malformed_file_is_rejected_with_its_field_path(path):
+    expected = expected_path(path)
+    error = rejection(path)
+    locs = locations(error)
+    if expected.startswith("line "):  # YAML-level problems are located by line and column
+        assert any(loc.startswith(expected + ",") for loc in locs), locs
+    else:
+        assert expected in locs, locs
+    assert error.path == str(path)
+    message = str(error)
+    assert message.startswith(f"{path}: invalid scenario")
+    assert path.name in message and expected in message
+    assert all(reason.strip() for _, reason in error.problems)
+    # No traceback: nothing chained, nothing in the text that looks like Python internals.
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    assert "Traceback" not in message and 'File "' not in message
+    assert "pydantic" not in message.lower() and "https://errors" not in message
+
+
+def test_missing_file():
+    error = rejection(ROOT / "scenarios" / "no-such-scenario.yaml")
+    assert error.problems == [("", "no such file")]
+    assert "no-such-scenario.yaml" in str(error)
+
+
+def test_directory_and_non_utf8(tmp_path):
+    assert "directory" in rejection(tmp_path).problems[0][1]
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("description: f\xf8rste\n".encode("latin-1"))
+    assert "UTF-8" in rejection(binary).problems[0][1]
+
+
+def test_python_tags_are_never_constructed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f'seed: !!python/object/apply:os.mkdir ["{marker}"]\nclients: [{{name: a}}]\n'
+                    "stages: [{name: w, kind: worker}]\n")
+    error = rejection(path)
+    assert "constructor" in error.problems[0][1]
+    assert not marker.exists()
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    path = tmp_path / "many.yaml"
+    path.write_text("clients: [{name: a}, {name: a}]\nstages: [{name: w, kind: exporter}]\n"
+                    "workload: [{client: b, objects: -1}]\ncheckz: {}\n")
+    locs = locations(rejection(path))
+    assert {"stages.0.kind", "workload.0.objects", "checkz"} <= set(locs), locs
+
+
+def test_cross_checks_reported_together(tmp_path):
+    path = tmp_path / "cross.yaml"
+    path.write_text("clients: [{name: a}, {name: a}]\nstages: [{name: w, kind: worker}]\n"
+                    "workload: [{client: b}]\nfaults: [{kind: kill_stage, target: x, at: 1}]\n")
+    assert set(locations(rejection(path))) == {"clients.1.name", "workload.0.client", "faults.0.target"}
+
+
+def test_parse_scenario_rejects_non_mappings():
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario([1, 2], "inline")
+    assert info.value.problems[0][0] == "" and "mapping" in info.value.problems[0][1]
+    with pytest.raises(ScenarioError):
+        parse_scenario({1: "x", "clients": [], "stages": []}, "inline")
+
+
+# --- what is accepted ------------------------------------------------------------------------
+
+MINIMAL = {"clients": [{"name": "a"}], "stages": [{"name": "w", "kind": "worker"}]}
+
+
+def test_defaults_are_os2datascanners():
+    scenario = parse_scenario(dict(MINIMAL), "minimal.yaml")
+    assert scenario.name == "minimal"
+    client = scenario.clients[0]
+    assert (client.explorer_full_queue, client.explorer_delta_queue) == ("os2ds_scan_specs",) * 2
+    assert (client.conversion_full_queue, client.conversion_delta_queue) == ("os2ds_conversions",) * 2
+    assert scenario.stages[0].read_queues == ["os2ds_conversions"]
+
+
+def test_queue_priority_is_read_like_the_engine():
+    stage = parse_scenario({**MINIMAL, "stages": [
+        {"name": "w", "kind": "worker", "queue_priority": "  q1 q2\tq1\n q3 ", "env": {"REFERENCE_WORK_SECONDS": 0.02}}]
+    }, "x").stages[0]
+    assert stage.queue_priority == ["q1", "q2", "q1", "q3"]  # duplicates kept: CF-NO-DUP judges them
+    assert stage.priority == ["q1", "q2", "q3"]
+    assert stage.env == {"REFERENCE_WORK_SECONDS": "0.02"}
+
+
+@pytest.mark.parametrize("fault", [
+    {"kind": "delete_queue", "target": "os2ds_conversions", "at": 3},
+    {"kind": "close_connection", "target": "w"},
+    {"kind": "kill_stage", "target": "w", "params": {"restart": True}},
+    {"kind": "kill_stage", "target": "w#2"},
+    {"kind": "restart_broker", "at": 10, "params": {"seconds": 2}},
+    {"kind": "pause_stage", "target": "w", "params": {"seconds": 1.5}},
+    {"kind": "poison", "target": "os2ds_conversions", "params": {"shape": "missing_fields", "count": 3}},
+    {"kind": "poison", "target": "os2ds_conversions", "when": {"queue": "os2ds_conversions", "ready_at_least": 5}},
+])
+def test_valid_faults_are_accepted(fault):
+    data = {**MINIMAL, "stages": [{"name": "w", "kind": "worker", "replicas": 2}], "faults": [fault]}
+    assert parse_scenario(data, "x").faults[0].kind == fault["kind"]
+
+
+def test_replica_targets_are_checked():
+    data = {**MINIMAL, "stages": [{"name": "w", "kind": "worker", "replicas": 2}],
+            "faults": [{"kind": "kill_stage", "target": "w#3"}]}
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(data, "x")
+    assert locations(info.value) == ["faults.0.target"]
+
+
+def test_every_fault_kind_is_documented_and_checked():
+    assert set(FAULT_KINDS) == {"delete_queue", "close_connection", "kill_stage", "restart_broker",
+                                "pause_stage", "poison"}
+    assert len(CLAUSE_IDS) == 18
+
+
+def test_json_schema_is_exported():
+    schema = json_schema()
+    assert set(schema["required"]) == {"clients", "stages"}
+    assert schema["additionalProperties"] is False
+    assert "Phase" in schema["$defs"] and "Fault" in schema["$defs"]
+
+
+# --- shipped scenarios -----------------------------------------------------------------------
+
+def test_there_are_seed_scenarios():
+    names = {p.stem for p in (ROOT / "scenarios").rglob("*.yaml")}
+    assert len(names) >= 5, names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_scenario_loads(path):
+    scenario = load_scenario(path)
+    assert isinstance(scenario, Scenario)
+    assert scenario.description.strip(), "every shipped scenario says what it is for"
+    assert scenario.workload, "every shipped scenario has a workload"
+
+
+@pytest.mark.skipif("harness.scenario_plugin" not in getattr(harness_plugin, "pytest_plugins", []),
+                    reason="scenario collection plugin not registered yet")
+def test_pytest_reports_a_bad_file_without_traceback():
+    bad = ROOT / "tests" / "scenario_errors" / "typo_queue_prioirty.yaml"
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", str(bad)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "stages.1.queue_prioirty" in output and "typo_queue_prioirty.yaml" in output
+    assert "Traceback" not in output
