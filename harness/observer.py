@@ -302,6 +302,7 @@ class Observer:
         # Port -> (stage, expiry) cache shared by the event and firehose threads.
         self._port_cache: dict[int, tuple[str | None, float]] = {}
         self._port_lock = threading.Lock()
+        self._summaries: dict[tuple[bytes, str | None], dict[str, Any]] = {}  # firehose thread only
 
         self._cond = threading.Condition()
         self._ready: dict[str, int | None] = {}
@@ -670,8 +671,7 @@ class Observer:
         if port in self._own_ports:
             return
         stage = self._stage_for_port(port)
-        props = h.get("properties") or {}
-        msg = summarise(body, props.get("content_encoding"))
+        msg = self._summary(body, (h.get("properties") or {}).get("content_encoding"))
         if key.startswith("deliver."):
             self._record("deliver", t, queue=key[len("deliver."):], stage=stage,
                          redelivered=_as_bool(h.get("redelivered")), msg=msg, conn=h.get("connection"))
@@ -681,8 +681,19 @@ class Observer:
                          routing_key=keys[0], routed=list(h.get("routed_queues") or []), stage=stage, msg=msg,
                          conn=h.get("connection"))
 
+    def _summary(self, body: bytes, encoding: str | None) -> dict[str, Any]:
+        # A message is traced at least twice (publish, deliver) with the same body: decode it once.
+        key = (body, encoding)
+        cached = self._summaries.get(key)
+        if cached is None:
+            cached = summarise(body, encoding)
+            if len(self._summaries) >= 20000:
+                self._summaries.clear()
+            self._summaries[key] = cached
+        return dict(cached)
+
     def _on_output(self, t: float, queue: str, properties, body: bytes) -> None:
-        msg = summarise(body, properties.content_encoding)
+        msg = self._summary(body, properties.content_encoding)
         self._record("output", t, queue=queue, msg=msg)
         with self._cond:
             self._outputs[queue] += 1
