@@ -1,0 +1,280 @@
+"""What a person reads after a run: failure text, a terminal summary and a timeline picture.
+
+- ``format_failure(results, history)``: for every finding, the clause id first, then the story
+  (stage, queues, time span relative to the run start, the evidence summarised).
+- ``format_summary(results)``: one line per clause (outcome, how often exercised) and the
+  measured switch latencies.
+- ``render_timeline(history, results, path)``: PNG (matplotlib, Agg). Top: ready count per queue.
+  Below: one lane per stage, one row per queue it may consume, a bar while it held a consumer;
+  violations shaded red and labelled with the clause id; faults as dashed lines.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from harness.checkers import TITLES
+from harness.checkers._common import build_context
+from harness.checkers.model import ClauseResult, Finding, Windows
+
+MAX_FINDINGS_PER_CLAUSE = 5
+MAX_EVIDENCE = 3
+
+
+def _start(history) -> float:
+    started = history.of("run_started")
+    return started[0]["t"] if started else history.start
+
+
+def _rel(t: float | None, t0: float) -> str:
+    return "?" if t is None else f"+{t - t0:.1f} s"
+
+
+def _evidence_line(ev: dict[str, Any], t0: float) -> str:
+    if ev.get("type") == "consumer":
+        return (f"{ev.get('stage')} consumed {ev.get('queue')} from {_rel(ev.get('start'), t0)} to "
+                f"{_rel(ev.get('end'), t0)} (ended: {ev.get('end_reason')})")
+    if "t" in ev and "type" in ev:
+        typ = ev["type"]
+        bits = []
+        for key in ("stage", "queue", "exchange", "routing_key", "kind", "target", "returncode", "redelivered"):
+            if key in ev and ev[key] not in (None, ""):
+                bits.append(f"{key}={ev[key]}")
+        msg = ev.get("msg") or {}
+        if msg:
+            bits.append(f"msg={msg.get('type')}" + (f" {msg.get('object')}" if msg.get("object") else ""))
+        if ev.get("count", 1) > 1:
+            bits.append(f"x{ev['count']}")
+        return f"{typ} at {_rel(ev['t'], t0)}: " + " ".join(bits)
+    parts = []
+    for key, value in ev.items():
+        if isinstance(value, list):
+            shown = ", ".join("/".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v) for v in value[:3])
+            parts.append(f"{key}: {shown}" + (f" (+{len(value) - 3} more)" if len(value) > 3 else ""))
+        else:
+            parts.append(f"{key}: {value}")
+    return "; ".join(parts)
+
+
+def format_finding(f: Finding, t0: float) -> str:
+    lines = [f"{f.clause}: {f.explanation}"]
+    where = []
+    if f.stage:
+        where.append(f"stage {f.stage}")
+    if f.queues:
+        where.append("queues " + ", ".join(q for q in f.queues if q))
+    if f.start is not None:
+        where.append(f"violation {_rel(f.start, t0)}" + (f"..{_rel(f.end, t0)}" if f.end is not None else ""))
+    if where:
+        lines.append("  " + "; ".join(where))
+    for ev in f.evidence[:MAX_EVIDENCE]:
+        lines.append("  evidence: " + _evidence_line(ev, t0))
+    if len(f.evidence) > MAX_EVIDENCE:
+        lines.append(f"  evidence: … {len(f.evidence) - MAX_EVIDENCE} more events")
+    return "\n".join(lines)
+
+
+def format_failure(results: Iterable[ClauseResult], history=None, timeline: Path | str | None = None) -> str:
+    """Every finding of every failed clause, clause id first. Empty string when nothing failed."""
+    t0 = _start(history) if history is not None else 0.0
+    blocks = []
+    for r in results:
+        if not r.failed:
+            continue
+        for f in r.findings[:MAX_FINDINGS_PER_CLAUSE]:
+            blocks.append(format_finding(f, t0))
+        if len(r.findings) > MAX_FINDINGS_PER_CLAUSE:
+            blocks.append(f"{r.clause}: … and {len(r.findings) - MAX_FINDINGS_PER_CLAUSE} more findings")
+    if blocks and timeline:
+        blocks.append(f"timeline: {timeline}")
+    return "\n".join(blocks)
+
+
+def format_latency(r: ClauseResult) -> str:
+    lat = r.metrics.get("latency_s") or {}
+    if not lat.get("count"):
+        return "no switches observed"
+    return f"min {lat['min']:.2f} s, median {lat['median']:.2f} s, max {lat['max']:.2f} s (n={lat['count']})"
+
+
+def format_summary(results: Iterable[ClauseResult]) -> str:
+    """One line per clause: id, outcome, how often exercised; then the cancel latencies."""
+    results = list(results)
+    marks = {"passed": "PASS", "failed": "FAIL", "not_exercised": "n/e "}
+    lines = []
+    for r in results:
+        extra = f" ({len(r.findings)} findings)" if r.failed else ""
+        lines.append(f"  {r.clause:<17} {marks.get(r.outcome, r.outcome)}  {r.exercised}{extra}")
+    for r in results:
+        if r.clause == "QP-CANCEL-WINDOW":
+            lines.append(f"  switch latency: {format_latency(r)}")
+    n = {k: sum(1 for r in results if r.outcome == k) for k in marks}
+    head = f"qp-harness: {n['passed']} passed, {n['failed']} failed, {n['not_exercised']} not exercised"
+    return "\n".join([head] + lines)
+
+
+# ---------------------------------------------------------------- timeline
+
+def _queue_series(history, queues: set[str] | None):
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for ev in history.of("sample"):
+        for q, n in (ev.get("ready") or {}).items():
+            if queues is not None and q not in queues:
+                continue
+            xs, ys = series.setdefault(q, ([], []))
+            xs.append(ev["t"])
+            ys.append(n if n is not None else float("nan"))
+    return series
+
+
+def _thin(xs, ys, limit=4000):
+    """Keep the picture light: at most ``limit`` points per queue, keeping each bucket's maximum."""
+    if len(xs) <= limit:
+        return xs, ys
+    step = len(xs) / limit
+    ox, oy = [], []
+    k = 0.0
+    while int(k) < len(xs):
+        a, b = int(k), min(int(k + step), len(xs))
+        b = max(b, a + 1)
+        chunk = [y for y in ys[a:b] if y == y]
+        ox.append(xs[a])
+        oy.append(max(chunk) if chunk else float("nan"))
+        k += step
+    return ox, oy
+
+
+def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
+                    windows: Windows | None = None, title: str | None = None) -> Path:
+    """Write the timeline PNG to ``path`` and return it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    results = list(results)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ctx = build_context(history, None, windows or Windows())
+    t0 = ctx.start
+    t_end = max(ctx.end, t0 + 1)
+
+    stages = [sv for sv in ctx.stages.values() if sv.consumers or sv.priority]
+    prio_queues: list[str] = []
+    for sv in stages:
+        for q in sv.priority:
+            if q not in prio_queues:
+                prio_queues.append(q)
+    series = _queue_series(history, None)
+    extra = [q for q, (_, ys) in series.items() if q not in prio_queues and any(y > 0 for y in ys if y == y)]
+    plot_queues = (prio_queues + sorted(extra))[:12]
+    cmap = plt.get_cmap("tab10" if len(plot_queues) <= 10 else "tab20")
+    colour = {q: cmap(i % cmap.N) for i, q in enumerate(plot_queues)}
+
+    # lanes: per stage, one row per priority queue (q0 on top), plus one for other consumed queues
+    lanes = []
+    for sv in stages:
+        rows = list(sv.priority) or []
+        others = sorted({c.queue for c in sv.consumers if c.queue not in rows and not str(c.queue).startswith("amq.")})
+        lanes.append((sv, rows + others))
+    n_rows = sum(max(len(r), 1) for _, r in lanes) + max(len(lanes) - 1, 0)
+    fig_h = 3.2 + 0.28 * n_rows + 0.6
+    fig, (ax_q, ax_s) = plt.subplots(2, 1, figsize=(13, fig_h), sharex=True,
+                                     gridspec_kw={"height_ratios": [3.2, max(0.28 * n_rows, 0.8)]})
+    failed = [r.clause for r in results if r.failed]
+    fig.suptitle(title or f"{history.of('run_started')[0].get('scenario', '') if history.of('run_started') else ''}"
+                 f"  —  {'FAILED: ' + ', '.join(failed) if failed else 'no violations'}",
+                 fontsize=12, color="#b00020" if failed else "#1b5e20", x=0.01, ha="left")
+
+    for q in plot_queues:
+        xs, ys = series.get(q, ([], []))
+        if not xs:
+            continue
+        xs, ys = _thin(xs, ys)
+        ax_q.step([x - t0 for x in xs], ys, where="post", color=colour[q], lw=1.4, label=q)
+    ax_q.set_ylabel("ready messages")
+    ax_q.grid(True, alpha=0.3)
+    if plot_queues:
+        ax_q.legend(loc="upper right", fontsize=8, ncol=min(4, len(plot_queues)), framealpha=0.8)
+
+    # stage lanes
+    yticks, ylabels = [], []
+    y = 0.0
+    lane_y: dict[str, tuple[float, float]] = {}
+    for sv, rows in lanes:
+        top = y
+        row_y = {}
+        for q in rows or ["(none)"]:
+            row_y[q] = y
+            yticks.append(y + 0.4)
+            rank = f"q{sv.priority.index(q)}" if q in sv.priority else "--"
+            ylabels.append(f"{sv.name}  [{rank}] {q}")
+            y += 1
+        lane_y[sv.name] = (top, y)
+        for c in sv.consumers:
+            if c.queue not in row_y:
+                continue
+            ax_s.broken_barh([(c.start - t0, max(c.end - c.start, 0.05))], (row_y[c.queue] + 0.1, 0.6),
+                             facecolors=colour.get(c.queue, "#777777"), edgecolor="none")
+            if c.reason == "cancel":
+                ax_s.plot([c.end - t0], [row_y[c.queue] + 0.4], marker="|", color="black", ms=8)
+        for a, b in sv.excused:
+            ax_s.axvspan(a - t0, b - t0, ymin=0, ymax=1, color="#999999", alpha=0.12)
+        y += 1  # gap between stages
+        ax_s.axhline(y - 0.5, color="#cccccc", lw=0.8)
+    ax_s.set_yticks(yticks)
+    ax_s.set_yticklabels(ylabels, fontsize=8)
+    ax_s.set_ylim(max(y - 0.5, 1), -0.2)
+    ax_s.set_xlabel("seconds since run start")
+    ax_s.grid(True, axis="x", alpha=0.3)
+
+    # faults and teardown
+    for ev in history.of("fault"):
+        for ax in (ax_q, ax_s):
+            ax.axvline(ev["t"] - t0, color="#6a1b9a", ls="--", lw=1)
+        ax_q.annotate(f"{ev.get('kind')} {ev.get('target') or ''}", (ev["t"] - t0, 1.0), xycoords=("data", "axes fraction"),
+                      rotation=90, va="top", ha="right", fontsize=7, color="#6a1b9a")
+    if ctx.teardown < ctx.end:
+        for ax in (ax_q, ax_s):
+            ax.axvline(ctx.teardown - t0, color="#444444", ls=":", lw=1)
+
+    # violations: findings with the same stage and span share one shading and one label
+    spans: dict[tuple, list[str]] = {}
+    for r in results:
+        for f in r.findings:
+            if f.start is None:
+                continue
+            a = f.start - t0
+            b = (f.end if f.end is not None else f.start + 0.5) - t0
+            b = max(b, a + (t_end - t0) * 0.004)
+            key = (f.stage if f.stage in lane_y else None, round(a, 1), round(b, 1))
+            if f.clause not in spans.setdefault(key, []):
+                spans[key].append(f.clause)
+    per_lane: dict[str | None, int] = {}
+    for (stage, a, b), clauses in list(spans.items())[:60]:
+        k = per_lane.get(stage, 0)
+        per_lane[stage] = k + 1
+        label = " " + ", ".join(clauses)
+        ax_q.axvspan(a, b, color="#e53935", alpha=0.15, lw=0)
+        if stage is not None:
+            top, bottom = lane_y[stage]
+            ax_s.fill_between([a, b], top - 0.05, bottom - 0.05, color="#e53935", alpha=0.25, lw=0)
+            if k < 8:
+                ax_s.text(a, top + 0.05 + 0.5 * (k % max(int(bottom - top) * 2 - 1, 1)), label, color="#b00020",
+                          fontsize=8, va="top", ha="left", fontweight="bold", clip_on=True,
+                          bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
+        elif k < 8:
+            ax_q.text(a, 0.97 - 0.07 * k, label, transform=ax_q.get_xaxis_transform(), color="#b00020",
+                      fontsize=8, va="top", fontweight="bold", bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
+    handles = [Patch(color="#e53935", alpha=0.3, label="violation (clause id)")]
+    if any(sv.excused for sv, _ in lanes):
+        handles.append(Patch(color="#999999", alpha=0.2, label="stage paused by a fault"))
+    ax_s.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.8)
+    ax_s.set_xlim(0, t_end - t0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["format_failure", "format_finding", "format_summary", "format_latency", "render_timeline", "TITLES"]

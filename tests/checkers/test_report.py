@@ -1,0 +1,41 @@
+"""Failure text, summary and timeline picture."""
+from __future__ import annotations
+
+from harness.checkers import check_all
+from harness.report import format_failure, format_summary, render_timeline
+
+from .builder import WINDOWS, scenario
+from .test_qp import switch_history
+
+
+def test_failure_text_starts_with_clause_id_and_tells_the_story():
+    h = switch_history(None).history()
+    res = check_all(h, scenario(), WINDOWS, clauses=["QP-PRECEDENCE"])
+    text = format_failure(res, h, "out/timeline.png")
+    lines = text.splitlines()
+    assert lines[0].startswith("QP-PRECEDENCE: Stage worker kept consuming lower queue q1")
+    assert lines[1] == "  stage worker; queues q1, q0; violation +16.0 s..+29.9 s"
+    assert lines[2].startswith("  evidence: worker consumed q1 from +2.0 s to ")
+    assert lines[-1] == "timeline: out/timeline.png"
+
+
+def test_no_failure_text_when_all_pass():
+    h = switch_history(13.0).history()
+    assert format_failure(check_all(h, scenario(), WINDOWS), h) == ""
+
+
+def test_summary_lists_every_clause_and_latencies():
+    h = switch_history(13.0).history()
+    text = format_summary(check_all(h, scenario(), WINDOWS))
+    assert text.splitlines()[0].startswith("qp-harness: ")
+    assert "  QP-CANCEL-WINDOW  PASS  1 switches observed" in text
+    assert "switch latency: min 3.00 s, median 3.00 s, max 3.00 s (n=1)" in text
+    assert "QP-DRAIN-ORDER    n/e" in text
+
+
+def test_timeline_png(tmp_path):
+    h = switch_history(None).history()
+    res = check_all(h, scenario(), WINDOWS)
+    out = render_timeline(h, res, tmp_path / "sub" / "timeline.png", WINDOWS)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
