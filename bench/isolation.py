@@ -1,0 +1,87 @@
+"""Per-test isolation cost: a fresh vhost on a running broker vs a fresh broker.
+
+Both are measured in the same run, on this machine, with the harness's own
+code: the vhost path is exactly what the ``vhost`` fixture does (create the
+vhost, switch its tracer on, grant permissions; delete it at teardown); the
+broker path is what the ``local`` provider does for a session (start a
+private rabbitmq-server until it is ready, stop it). The last line is
+
+    RESULT isolation_speedup <x> x goal >=20 PASS|FAIL
+
+Run: python bench/isolation.py [--vhosts 50] [--brokers 3] [--stop kill|graceful]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness.broker import LocalBroker, find_rabbitmq_bin  # noqa: E402
+from harness.broker_plugin import _create_vhost  # noqa: E402
+from harness.watchdog import stop_watchdog  # noqa: E402
+
+GOAL = 20.0
+
+
+def fmt(seconds: list[float]) -> str:
+    return (f"mean {1000 * statistics.mean(seconds):.1f} ms, median {1000 * statistics.median(seconds):.1f} ms, "
+            f"min {1000 * min(seconds):.1f} ms, max {1000 * max(seconds):.1f} ms, n={len(seconds)}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vhosts", type=int, default=50)
+    parser.add_argument("--brokers", type=int, default=3)
+    parser.add_argument("--stop", choices=["kill", "graceful"], default="kill",
+                        help="how the fresh brokers are stopped (kill is the harness default and the cheaper)")
+    args = parser.parse_args()
+    if find_rabbitmq_bin() is None:
+        print("rabbitmq-server is not installed (sudo apt-get install rabbitmq-server)")
+        print(f"RESULT isolation_speedup 0 x goal >={GOAL:.0f} FAIL")
+        return 1
+    with tempfile.TemporaryDirectory(prefix="qp-bench-isolation-") as tmp:
+        broker_costs, starts, stops = [], [], []
+        for i in range(args.brokers):
+            local = LocalBroker(Path(tmp) / f"broker{i}", stop_mode=args.stop)
+            began = time.monotonic()
+            local.start()
+            started = time.monotonic()
+            local.stop()
+            broker_costs.append(time.monotonic() - began)
+            starts.append(started - began)
+            stops.append(time.monotonic() - started)
+
+        local = LocalBroker(Path(tmp) / "session", stop_mode=args.stop)
+        broker = local.start()
+        try:
+            for i in range(3):  # warm-up: first requests pay for connection set-up
+                broker.management.delete_vhost(_create_vhost(broker, "warmup"))
+            vhost_costs = []
+            for _ in range(args.vhosts):
+                began = time.monotonic()
+                name = _create_vhost(broker, "bench")
+                broker.management.delete_vhost(name)
+                vhost_costs.append(time.monotonic() - began)
+        finally:
+            local.stop()
+    stop_watchdog()
+
+    vhost = statistics.mean(vhost_costs)
+    fresh = statistics.mean(broker_costs)
+    speedup = fresh / vhost
+    print(f"fresh vhost per test  (create + tracer on + permissions, delete): {fmt(vhost_costs)}")
+    print(f"fresh broker per test (start until ready + stop '{args.stop}'): "
+          f"mean {fresh:.2f} s = start {statistics.mean(starts):.2f} s + stop {statistics.mean(stops):.2f} s, "
+          f"n={len(broker_costs)}")
+    verdict = "PASS" if speedup >= GOAL else "FAIL"
+    print(f"RESULT isolation_speedup {speedup:.1f} x goal >={GOAL:.0f} {verdict}")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
