@@ -20,7 +20,7 @@ def test_failure_text_starts_with_clause_id_and_tells_the_story():
 
 
 def test_no_failure_text_when_all_pass():
-    h = switch_history(13.0).history()
+    h = switch_history(13.0).consume(31, "worker", "q1").history()
     assert format_failure(check_all(h, scenario(), WINDOWS), h) == ""
 
 
