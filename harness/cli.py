@@ -1,0 +1,125 @@
+"""``python -m harness``: lint a scenario, re-check a saved history, print the scenario schema.
+
+    python -m harness lint scenario.yaml [more.yaml ...]
+    python -m harness check history.jsonl --scenario scenario.yaml [--check-period S] [--tolerance S]
+                            [--grace S] [--clauses QP-PRECEDENCE,RT] [--timeline out.png] [--json]
+    python -m harness schema
+
+Exit status: 0 all good, 1 a clause failed (findings printed, clause id first), 2 a file could
+not be used (the message names the file, the field and the reason; never a traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from harness.checkers import check_all, lint, select, windows_for
+from harness.checkers.model import Windows
+from harness.history import History, HistoryError
+from harness.report import format_failure, format_summary, render_timeline
+from harness.scenario import ScenarioError, json_schema, load_scenario
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description="qp-harness: queue-priority conformance tools")
+    sub = p.add_subparsers(dest="command", required=True)
+    lp = sub.add_parser("lint", help="check scenario files statically (CF-* clauses, no broker)")
+    lp.add_argument("scenarios", nargs="+", type=Path, metavar="scenario.yaml")
+    cp = sub.add_parser("check", help="re-run the checkers on a saved history.jsonl")
+    cp.add_argument("history", type=Path, metavar="history.jsonl")
+    cp.add_argument("--scenario", type=Path, help="the scenario the history was recorded from")
+    cp.add_argument("--check-period", type=float, help="engine check period in seconds (default: scenario, else 5)")
+    cp.add_argument("--tolerance", "--window-tolerance", type=float, dest="tolerance",
+                    help="window tolerance in seconds (default: scenario, else 1)")
+    cp.add_argument("--grace", "--startup-grace", type=float, dest="grace",
+                    help="start-up grace G in seconds (default: scenario, else 30)")
+    cp.add_argument("--clauses", help="comma-separated clause ids or families (default: the scenario's, else all)")
+    cp.add_argument("--timeline", type=Path, help="also write the timeline PNG here")
+    cp.add_argument("--json", action="store_true", help="print the results as JSON instead of text")
+    sub.add_parser("schema", help="print the scenario JSON Schema")
+    return p
+
+
+def _lint(paths: list[Path]) -> int:
+    worst = EXIT_OK
+    for path in paths:
+        try:
+            scenario = load_scenario(path)
+        except ScenarioError as exc:
+            print(str(exc), file=sys.stderr)
+            worst = max(worst, EXIT_BAD_INPUT)
+            continue
+        results = lint(scenario)
+        failed = [r for r in results if r.failed]
+        print(f"{path}: " + ", ".join(f"{r.clause} {r.outcome.replace('_', ' ')}" for r in results))
+        for r in failed:
+            for f in r.findings:
+                field = f.evidence[0].get("field") if f.evidence and isinstance(f.evidence[0], dict) else None
+                print(f"{r.clause}: {f.explanation}" + (f" [{path}: {field}]" if field else ""))
+        if failed:
+            worst = max(worst, EXIT_FAILED)
+    return worst
+
+
+def _check(args) -> int:
+    scenario = None
+    if args.scenario is not None:
+        try:
+            scenario = load_scenario(args.scenario)
+        except ScenarioError as exc:
+            print(str(exc), file=sys.stderr)
+            return EXIT_BAD_INPUT
+    try:
+        history = History.load(args.history)
+    except HistoryError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        print(f"{args.history}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # Explicit options win; then the scenario's own checks; then SPEC.md's defaults.
+    w = windows_for(scenario, Windows())
+    w = Windows(args.check_period if args.check_period is not None else w.check_period,
+                args.tolerance if args.tolerance is not None else w.tolerance,
+                args.grace if args.grace is not None else w.grace)
+    clauses = None
+    if args.clauses:
+        try:
+            clauses = select([c for c in args.clauses.split(",") if c.strip()])
+        except ValueError as exc:
+            print(f"--clauses: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    results = check_all(history, scenario, w, clauses=clauses)
+    timeline = None
+    if args.timeline:
+        timeline = render_timeline(history, results, args.timeline, w)
+    if args.json:
+        print(json.dumps({"windows": {"check_period": w.check_period, "tolerance": w.tolerance, "grace": w.grace},
+                          "results": [dataclasses.asdict(r) for r in results]}, indent=2, default=str))
+    else:
+        print(f"{args.history}: {len(history)} events; W = {w.W:g} s, G = {w.G:g} s")
+        print(format_summary(results))
+        text = format_failure(results, history, timeline)
+        if text:
+            print()
+            print(text)
+        elif timeline:
+            print(f"timeline: {timeline}")
+    return EXIT_FAILED if any(r.failed for r in results) else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "lint":
+        return _lint(args.scenarios)
+    if args.command == "check":
+        return _check(args)
+    if args.command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
+    return EXIT_BAD_INPUT
