@@ -196,9 +196,18 @@ class _EventWorker(_Worker):
 class _FirehoseWorker(_Worker):
     def setup(self) -> None:
         obs = self.observer
+        if self.reconnects:
+            # Tracing is off again after a broker restart (ENGINE_CONTRACT.md section 5).
+            try:
+                obs.broker.management.set_tracing(self.vhost, True)
+            except Exception as exc:
+                obs._error(f"could not switch tracing on again: {exc!r}")
         trace = self.connection.channel()
-        queue = trace.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        obs._own_queues.add(queue)
+        # Not exclusive, so the sampler can read its backlog; auto-delete, and expiring, so it never outlives us.
+        queue = f"{obs.connection_name}-trace"
+        obs._own_queues.add(queue)  # before it exists, so its queue.created is never recorded
+        trace.queue_declare(queue, auto_delete=True, arguments={"x-expires": 60_000})
+        obs._trace_queue = queue
         trace.queue_bind(queue, TRACE_EXCHANGE, "publish.#")
         trace.queue_bind(queue, TRACE_EXCHANGE, "deliver.#")
         trace.basic_consume(queue, self._on_trace, auto_ack=True)
@@ -249,7 +258,9 @@ class _SampleWorker(_Worker):
         ready: dict[str, int | None] = {}
         for queue in list(obs._queues):
             ready[queue] = self._ready(queue)
-        obs._on_sample(t, ready)
+        # Messages the firehose has not yet handed to the observer: while > 0, firehose times run late.
+        backlog = self._ready(obs._trace_queue) if obs._trace_queue else None
+        obs._on_sample(t, ready, backlog)
 
     def _ready(self, queue: str) -> int | None:
         if self.channel is None or not self.channel.is_open:
@@ -302,6 +313,8 @@ class Observer:
         # Port -> (stage, expiry) cache shared by the event and firehose threads.
         self._port_cache: dict[int, tuple[str | None, float]] = {}
         self._port_lock = threading.Lock()
+        self._trace_queue: str | None = None
+        self.firehose_backlog: int | None = None  # last sampled
         self._summaries: dict[tuple[bytes, str | None], dict[str, Any]] = {}  # firehose thread only
 
         self._cond = threading.Condition()
@@ -704,9 +717,10 @@ class Observer:
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ samples (sampler thread)
-    def _on_sample(self, t: float, ready: dict[str, int | None]) -> None:
-        self._record("sample", t, ready=ready)
+    def _on_sample(self, t: float, ready: dict[str, int | None], backlog: int | None = None) -> None:
+        self._record("sample", t, ready=ready, firehose_backlog=backlog)
         with self._cond:
+            self.firehose_backlog = backlog
             self._ready.update(ready)
             self._samples += 1
             self._cond.notify_all()

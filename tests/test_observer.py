@@ -123,7 +123,8 @@ def test_harness_connections_are_marked_and_observer_traffic_is_absent(make_obse
     # Nothing of the observer: its three connections, the output-queue consumers, its trace queue.
     consumers = of(history, "consumer_created")
     assert [(c["stage"], c["queue"]) for c in consumers] == [("harness", "qh")]
-    assert not [e for e in history.events if e["type"] == "queue_created" and e["queue"].startswith("amq.gen")]
+    created = [e["queue"] for e in history.events if e["type"] == "queue_created"]
+    assert observer._trace_queue and observer._trace_queue not in created and "qh" in created
     assert all(e.get("stage") is not None for e in history.events if e["type"].startswith(("connection", "channel")))
 
 
@@ -198,3 +199,10 @@ def test_stop_is_idempotent_and_survives_lost_connections(make_observer, broker,
     assert observer.errors
     observer.stop()
     observer.stop()
+
+
+def test_samples_carry_the_firehose_backlog(make_observer, history):
+    observer = make_observer([], sample_interval=0.05)
+    assert observer.wait_for(lambda: observer.samples >= 2, timeout=5)
+    assert observer.firehose_backlog == 0
+    assert all(s["firehose_backlog"] == 0 for s in of(history, "sample"))

@@ -182,3 +182,31 @@ def test_a_wrapper_whose_engine_is_missing_exits_with_its_output(make_launcher):
 
 def test_default_command_is_the_reference_engine():
     assert DEFAULT_COMMAND[1:] == ["-m", "reference_engine.run_stage", "{stage}"]
+
+
+def _reference_engine_available() -> bool:
+    try:
+        import reference_engine.run_stage  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _reference_engine_available(), reason="reference_engine.run_stage not importable")
+@pytest.mark.parametrize("kind, first, prefetch", [("worker", "cd", 2), ("explorer", "ed", 1)])
+def test_the_reference_engine_runs_under_the_default_command(make_launcher, broker, vhost, history, kind, first, prefetch):
+    observer = Observer(broker, vhost.name, history, [first, "lower"])
+    observer.start()
+    try:
+        launcher = make_launcher(command=None, observer=observer)
+        [proc] = launcher.start(Stage(name="ref", kind=kind, queue_priority=[first, "lower"]))
+        held = observer.wait_for_consumers("ref", {first}, timeout=30)
+        assert first in held, f"{held}\n{proc.tail()}\n{launcher.poll()}"
+        created = [e for e in history.events if e["type"] == "consumer_created" and e["stage"] == "ref"]
+        assert {e["prefetch"] for e in created if e["queue"] == first} == {prefetch}
+        assert observer.wait_for(lambda: observer.ready("lower") == 0, timeout=10)  # it declared its queues
+        [exit_] = launcher.stop_all(grace=10)
+        assert exit_.returncode == 0, exit_.tail
+        assert observer.wait_for(lambda: not observer.consumers_of("ref"), timeout=10)
+    finally:
+        observer.stop()
