@@ -286,8 +286,11 @@ class LocalBroker:
                 "log.console = true\nlog.console.level = info\nlog.file = false\n"
                 + self.extra_config + ("\n" if self.extra_config else "")
             )
+            (self.workdir / "rabbitmq-env.conf").write_text("")
             env = {
-                **os.environ,
+                # Nothing of a system or user RabbitMQ/Erlang set-up may leak into this node.
+                **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))},
+                "RABBITMQ_CONF_ENV_FILE": str(self.workdir / "rabbitmq-env.conf"),
                 "HOME": str(self.workdir / "home"),  # the Erlang cookie is created here
                 "ERL_EPMD_PORT": str(epmd_port),
                 "ERL_EPMD_ADDRESS": "127.0.0.1",
