@@ -349,7 +349,7 @@ def _build_stages(history, end: float, teardown: float, windows: Windows) -> dic
             keys = [k for k in open_ if k[0] == ev.get("chan") and ev.get("chan") is not None]
             for k in keys:
                 close(k, t, "conn_closed")
-            if stage:
+            if stage and keys:  # closing a channel without consumers (e.g. a publishing one) drops nothing
                 drops_by_stage.setdefault(stage, []).append(t)
         elif typ == "connection_closed":
             stage = ev.get("stage")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from harness.checkers._common import Context
+from harness.checkers._common import Context, fault_family
 from harness.checkers.model import ClauseResult, Finding
 
 RESULT_QUEUE = "os2ds_matches"
@@ -23,10 +23,16 @@ class Tally:
     problems: Counter = field(default_factory=Counter)    # (scan, object) -> ProblemMessages with an object
     scans: int = 0
     source: str = ""
+    gone: set = field(default_factory=set)  # objects whose conversion went to a queue a fault deleted
 
     @property
     def lost(self) -> list:
-        return sorted(k for k in self.expected if not self.results.get(k) and not self.problems.get(k))
+        return sorted(k for k in self.expected
+                      if not self.results.get(k) and not self.problems.get(k) and k not in self.gone)
+
+    @property
+    def dropped_by_fault(self) -> list:
+        return sorted(k for k in self.gone if not self.results.get(k) and not self.problems.get(k))
 
     @property
     def duplicated(self) -> dict:
@@ -44,7 +50,9 @@ class Tally:
 def tally(ctx: Context) -> Tally:
     """Results are MatchesMessages routed to os2ds_matches (from the tracer's publishes; from the
     observer's ``output`` reads when the history has no such publish). An object with no result but a
-    ProblemMessage naming it (os2ds_problems) is reported, not lost."""
+    ProblemMessage naming it (os2ds_problems) is reported, not lost. An object with no result whose
+    ConversionMessage was published to a queue that a delete_queue fault targeted is counted as
+    dropped by the fault, not lost (deleting a queue deletes its messages)."""
     t = Tally()
     plans = ctx.history.of("scan_planned")
     t.scans = len(plans)
@@ -58,6 +66,12 @@ def tally(ctx: Context) -> Tally:
     else:
         events = [e for e in ctx.history.of("output") if e.get("queue") in (RESULT_QUEUE, PROBLEM_QUEUE)]
         key, t.source = "queue", "read from output queues"
+    deleted = {f.get("target") for f in ctx.history.of("fault") if fault_family(f.get("kind")) == "queue_gone"}
+    if deleted:
+        for e in ctx.history.of("publish"):
+            msg = e.get("msg") or {}
+            if msg.get("type") == "ConversionMessage" and e.get("routing_key") in deleted:
+                t.gone.add((msg.get("scan"), _obj(msg.get("object"))))
     for e in events:
         msg = e.get("msg") or {}
         if msg.get("scan") is None:
@@ -81,7 +95,8 @@ def check_exactly_once(ctx: Context) -> ClauseResult:
     allow = bool(ctx.scenario is not None and ctx.scenario.checks.allow_duplicates)
     lost, dup, unexp = t.lost, t.duplicated, t.unexpected
     metrics = {"expected": len(t.expected), "lost": len(lost), "duplicated": len(dup), "unexpected": len(unexp),
-               "as_problem": len(t.as_problem), "results": sum(t.results.values()), "source": t.source,
+               "as_problem": len(t.as_problem), "dropped_by_fault": len(t.dropped_by_fault),
+               "results": sum(t.results.values()), "source": t.source,
                "duplicates_allowed": allow}
     exercised = f"{len(t.expected)} objects of {t.scans} scans checked"
     if not t.expected and not t.results:
@@ -103,6 +118,8 @@ def check_exactly_once(ctx: Context) -> ClauseResult:
                                 None, [RESULT_QUEUE], None, None, [{"unexpected": [list(k) for k in unexp[:50]]}]))
     if dup and allow:
         exercised += f" ({len(dup)} duplicated, allowed)"
+    if t.dropped_by_fault:
+        exercised += f" ({len(t.dropped_by_fault)} dropped with a queue a fault deleted, excused)"
     return ClauseResult("DL-EXACTLY-ONCE", "failed" if findings else "passed", exercised, findings, metrics)
 
 

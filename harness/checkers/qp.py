@@ -224,7 +224,7 @@ def cancel_latencies(ctx: Context):
     higher-queue work (union of q0..q(i-1) observed non-empty) overlapping it, trigger T = max(h.start,
     consumer.start):
     - the stage cancelled while h lasted (up to 0.5 s after its last positive sample): a switch with
-      latency cancel - T; a violation when that exceeds W;
+      latency cancel - T; a violation when the consumer was held while h lasted more than W after T;
     - h lasted longer than W after T and the consumer was still held at T + W (whatever ended it
       later, or the run ended): a violation;
     - otherwise (h ended within W, or an exit/connection close/queue deletion ended the consumer
@@ -253,7 +253,8 @@ def cancel_latencies(ctx: Context):
                     if c.reason == "cancel" and end <= hb + SWITCH_SLACK:
                         lat = end - T
                         latencies.append(lat)
-                        if lat > W:
+                        # late only if the higher queue really stayed non-empty for W while it was held
+                        if min(end, hb) - T > W:
                             hq = _which_higher(ctx, higher, T, min(hb, end))
                             findings.append(Finding(
                                 "QP-CANCEL-WINDOW",

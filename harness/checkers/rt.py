@@ -107,11 +107,16 @@ def check_routable(ctx: Context) -> ClauseResult:
     """Rule: a publish to the default exchange is unroutable when its routing key named no existing
     queue at publish time: existence from queue_created/queue_deleted events and sampled counts
     (null = missing), with a queue created up to 0.25 s after the publish counted as existing; a queue
-    the history never mentions counts as missing. For other exchanges the tracer's ``routed`` list
-    is trusted: an empty list is unroutable. Reported once per (publisher, routing key)."""
+    the history never mentions counts as missing. Publishes to a queue after a delete_queue fault
+    targeted it are excused. For other exchanges the tracer's ``routed`` list is trusted: an empty
+    list is unroutable. Reported once per (publisher, routing key)."""
     findings: list[Finding] = []
     seen: dict[tuple, Finding] = {}
-    n = 0
+    n = excused = 0
+    deleted: dict[str, float] = {}
+    for f in ctx.history.of("fault"):
+        if fault_family(f.get("kind")) == "queue_gone":
+            deleted.setdefault(f.get("target"), f["t"])
     for ev in ctx.history.of("publish"):
         ex = ev.get("exchange", "")
         rk = ev.get("routing_key") or ""
@@ -121,6 +126,9 @@ def check_routable(ctx: Context) -> ClauseResult:
                 continue
             ok = ctx.levels.exists_at(rk, ev["t"])
             bad = not ok
+            if bad and rk in deleted and ev["t"] >= deleted[rk]:
+                excused += 1  # the harness deleted that queue on purpose
+                continue
         else:
             routed = ev.get("routed")
             bad = routed is not None and len(routed) == 0
@@ -145,7 +153,8 @@ def check_routable(ctx: Context) -> ClauseResult:
         c = f.evidence[0]["count"]
         if c > 1:
             f.explanation = f.explanation[:-1] + f"; {c} such publishes until {ctx.rel(f.end)}."
-    return ClauseResult("RT-ROUTABLE", _outcome(findings, n), f"{n} publishes judged", findings)
+    text = f"{n} publishes judged" + (f" ({excused} to a queue a fault deleted, excused)" if excused else "")
+    return ClauseResult("RT-ROUTABLE", _outcome(findings, n), text, findings)
 
 
 def check_broadcast(ctx: Context) -> ClauseResult:

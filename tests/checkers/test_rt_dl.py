@@ -166,3 +166,14 @@ def test_exactly_once_falls_back_to_output_reads():
 
 def test_exactly_once_not_exercised():
     assert judge(HB(), "DL-EXACTLY-ONCE").outcome == "not_exercised"
+
+
+def test_fault_deleted_queue_excuses_unroutable_and_lost():
+    hb = queues(HB(), "conv_full", "os2ds_matches").plan(0.8, "s1", ["a", "b"])
+    hb.publish(1, "conv_full", scan="s1", object="a").publish(1.1, "conv_full", scan="s1", object="b")
+    hb.publish(2, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", object="a")
+    hb.fault(3, "delete_queue", "conv_full").delete(3.2, "conv_full").publish(4, "conv_full", scan="s1", object="b")
+    r = judge(hb, "RT-ROUTABLE")
+    assert r.outcome == "passed" and "1 to a queue a fault deleted, excused" in r.exercised
+    r = judge(hb, "DL-EXACTLY-ONCE")
+    assert r.outcome == "passed" and r.metrics["dropped_by_fault"] == 1
