@@ -206,3 +206,59 @@ def test_samples_carry_the_firehose_backlog(make_observer, history):
     assert observer.wait_for(lambda: observer.samples >= 2, timeout=5)
     assert observer.firehose_backlog == 0
     assert all(s["firehose_backlog"] == 0 for s in of(history, "sample"))
+
+
+def test_other_vhosts_are_left_out(make_observer, broker, history, vhost):
+    other = "qp-other-" + vhost.name[3:]
+    broker.management.create_vhost(other, tracing=True)
+    try:
+        observer = make_observer(["mine"])
+        with pika.BlockingConnection(broker.connection_parameters(other)) as connection:
+            channel = connection.channel()
+            channel.queue_declare("theirs", durable=True)
+            channel.basic_consume("theirs", lambda *a: None)
+            channel.basic_publish("", "theirs", b"{}")
+            with pika.BlockingConnection(vhost.parameters()) as mine:  # a marker that our events got through
+                mine.channel().queue_declare("mine", durable=True)
+                assert observer.wait_for(lambda: of(history, "queue_created", queue="mine"), timeout=10)
+        assert observer.wait_for(lambda: len(of(history, "connection_closed")) == 1, timeout=10)
+        observer.stop()
+        assert not [e for e in history.events if "theirs" in str(e)]
+        assert len(of(history, "connection_created")) == 1
+    finally:
+        broker.management.delete_vhost(other)
+
+
+def test_a_connection_opened_before_the_observer_is_attributed_by_port(make_observer, history, vhost):
+    with pika.BlockingConnection(vhost.parameters()) as connection:
+        observer = make_observer()
+        channel = connection.channel()
+        channel.queue_declare("early", durable=True)
+        channel.basic_consume("early", lambda *a: None)
+        assert observer.wait_for(lambda: observer.consumers_of("harness") == {"early"}, timeout=10)
+        [chan] = of(history, "channel_created")
+        assert chan["stage"] == "harness"
+
+
+def test_an_unknown_process_is_recorded_unattributed_after_the_timeout(make_observer, history, vhost, broker, tmp_path):
+    import subprocess
+    import tomli_w
+    observer = make_observer(attribution_timeout=0.5)
+    config = tmp_path / "stranger.toml"
+    config.write_text(tomli_w.dumps({"amqp": {"AMQP_HOST": broker.host, "AMQP_PORT": broker.amqp_port,
+                                              "AMQP_USER": broker.user, "AMQP_PWD": broker.password,
+                                              "AMQP_VHOST": vhost.name}}))
+    env = {**__import__("os").environ, "OS2DS_ENGINE_USER_CONFIG_PATH": str(config), "QUEUE_PRIORITY": "sq"}
+    stranger = subprocess.Popen(FAKE_STAGE[:2] + ["worker"], env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        consumers = observer.wait_for(lambda: [c for c in observer.consumers() if c["queue"] == "sq"], timeout=15)
+        seen = time.time()
+        assert consumers and consumers[0]["stage"] is None
+        [conn] = of(history, "connection_created")
+        assert conn["stage"] is None
+        # Recorded with the time it was received, not the time the attribution gave up.
+        [consumer] = of(history, "consumer_created", queue="sq")
+        assert seen - consumer["t"] >= 0.4
+    finally:
+        stranger.terminate()
+        stranger.wait(10)
