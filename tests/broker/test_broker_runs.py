@@ -92,9 +92,13 @@ def test_many(n, broker, vhost, amqp_channel):
 
 
 @needs_local
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
-def test_nothing_is_left_when_pytest_dies(how, inner, tmp_path):
-    """SIGKILL: the watchdog stops broker and stage within 15 s. SIGINT (Ctrl-C): pytest's own teardown."""
+@pytest.mark.parametrize("how, xdist", [("SIGKILL", False), ("SIGINT", False), ("SIGKILL", True)],
+                         ids=["SIGKILL", "SIGINT", "SIGKILL-xdist-controller"])
+def test_nothing_is_left_when_pytest_dies(how, xdist, inner, tmp_path):
+    """SIGKILL: the watchdog stops broker and stage within 15 s. SIGINT (Ctrl-C): pytest's own teardown.
+
+    With xdist, killing the controller must stop the workers' brokers and stages too.
+    """
     run = inner(RECORD + '''
 import subprocess, time
 from harness.watchdog import register_process_group
@@ -106,7 +110,7 @@ def test_hangs(broker, vhost):
     time.sleep(600)
 ''')
     record = tmp_path / "record.jsonl"
-    child = run.popen("--rabbitmq-provider", "local", QP_RECORD=str(record))
+    child = run.popen("--rabbitmq-provider", "local", *(["-n", "1"] if xdist else []), QP_RECORD=str(record))
     pids = []
     try:
         deadline = time.monotonic() + 90
@@ -115,7 +119,7 @@ def test_hangs(broker, vhost):
             assert time.monotonic() < deadline, "the child run never got going"
             time.sleep(0.2)
         (r,) = read_records(record)
-        pids = r["members"] + [r["stage"], r["watchdog"]]
+        pids = r["members"] + [r["stage"], r["watchdog"]] + ([r["pid"]] if xdist else [])
         assert alive(pids) == pids and len(r["members"]) >= 2
         killed_at = time.monotonic()
         os.kill(child.pid, signal.SIGKILL if how == "SIGKILL" else signal.SIGINT)
@@ -124,7 +128,7 @@ def test_hangs(broker, vhost):
         took = time.monotonic() - killed_at
         left = alive(pids)
         assert left == [], f"still running {took:.1f} s after {how}: {left}"
-        print(f"{how}: broker, epmd, stage and watchdog gone {took:.2f} s after the signal")
+        print(f"{how}{' (xdist controller)' if xdist else ''}: broker, epmd, stage, watchdog{', worker' if xdist else ''} gone {took:.2f} s after the signal")
         child.wait(30)
         if how == "SIGINT":
             assert child.returncode == 2  # pytest's "interrupted"
