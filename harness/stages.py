@@ -212,8 +212,10 @@ class StageLauncher:
         }}
 
     def environment(self, stage, config_path: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("QUEUE_PRIORITY", None)
+        # The harness's own environment must not steer the stage to another broker or queue set:
+        # the engine reads amqp__KEY overrides before its config file.
+        env = {k: v for k, v in os.environ.items()
+               if not k.lower().startswith("amqp__") and k not in ("QUEUE_PRIORITY", "OS2DS_ENGINE_USER_CONFIG_PATH")}
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self._default:
             # The bundled engine runs from this checkout even when the package is not installed.

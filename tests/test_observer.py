@@ -88,12 +88,14 @@ def test_events_are_attributed_to_the_stage(make_observer, launcher, history):
     assert {"qa", "qb"} <= {e["queue"] for e in of(history, "queue_created")}
     [started] = of(history, "stage_started", stage="w1")
     assert started["pid"] == proc.pid and started["read_queues"] == ["qa", "qb"]
+    assert observer.connections_of("w1") == [conn["name"]]
 
     stages.stop_all(grace=5)
     assert observer.wait_for(lambda: not observer.consumers_of("w1"), timeout=10)
     observer.wait_for(lambda: of(history, "connection_closed", stage="w1"), timeout=10)
     assert sorted(e["queue"] for e in of(history, "consumer_deleted", stage="w1")) == ["qa", "qb"]
     assert of(history, "channel_closed", stage="w1")
+    assert observer.connections_of("w1") == []
     [closed] = of(history, "connection_closed", stage="w1")
     assert closed["conn"] == conn["conn"]
     # Every event type written is a documented one, with at least the documented fields.

@@ -90,12 +90,13 @@ def test_config_file_and_environment(make_launcher, tmp_path, broker, vhost, his
 
 def test_no_queue_priority_means_unset(make_launcher, tmp_path, monkeypatch):
     monkeypatch.setenv("QUEUE_PRIORITY", "leaked from the harness")
+    monkeypatch.setenv("amqp__AMQP_VHOST", "leaked")
     dump = tmp_path / "dump.json"
     launcher = make_launcher()
     launcher.start(Stage(name="e", kind="explorer", env={"FAKE_DUMP": str(dump), "FAKE_DEFAULT_QUEUE": "os2ds_scan_specs"}))
     assert wait_until(lambda: dump.exists() and dump.read_text().endswith("}"), 10)
     env = json.loads(dump.read_text())["env"]
-    assert "QUEUE_PRIORITY" not in env
+    assert "QUEUE_PRIORITY" not in env and "amqp__AMQP_VHOST" not in env
 
 
 def test_replicas_get_instance_names(make_launcher, history):
