@@ -252,10 +252,24 @@ class Flood:
 
     def _link(self) -> _Link:
         with self._lock:
+            # Connections of threads that have ended (one per workload phase in the runner) are closed
+            # here, so a long scenario does not collect idle connections.
+            alive = {t.ident for t in threading.enumerate()}
+            dead = [ident for ident in self._links if ident not in alive]
+            stale = [self._links.pop(ident) for ident in dead]
             link = self._links.get(threading.get_ident())
             if link is None:
                 link = self._links[threading.get_ident()] = _Link(self)
-            return link
+        for old in stale:
+            if not old.busy:
+                old.close()
+        return link
+
+    @property
+    def connections(self) -> int:
+        """Open flood connections (one per thread that has published and is still alive)."""
+        with self._lock:
+            return sum(1 for link in self._links.values() if link.conn is not None and link.conn.is_open)
 
     # --- the public API ---------------------------------------------------------------
 

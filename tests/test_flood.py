@@ -186,3 +186,13 @@ def test_bad_rate_and_unreachable_broker(vhost):
     with Flood(params, connect_timeout=5) as flood:
         with pytest.raises(FloodError, match="cannot connect"):
             flood.publish("x", bodies(1))
+
+
+def test_connections_of_finished_threads_are_closed(flood, broker, vhost):
+    flood.declare(["phase"])
+    for _ in range(3):
+        t = threading.Thread(target=lambda: flood.publish("phase", bodies(5)))
+        t.start()
+        t.join(30)
+    flood.publish("phase", bodies(1))  # from this thread: the three ended threads' links are closed now
+    assert flood.connections == 1
