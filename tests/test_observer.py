@@ -264,3 +264,31 @@ def test_an_unknown_process_is_recorded_unattributed_after_the_timeout(make_obse
     finally:
         stranger.terminate()
         stranger.wait(10)
+
+
+def _reference_engine_available() -> bool:
+    try:
+        import reference_engine.run_stage  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _reference_engine_available(), reason="reference_engine.run_stage not importable")
+def test_a_closed_stage_connection_and_its_reconnect_are_attributed(make_observer, launcher, history, broker):
+    observer = make_observer(["rq"])
+    stages = launcher(observer, command=None)
+    [proc] = stages.start(Stage(name="ref", kind="worker", queue_priority=["rq"]))
+    assert observer.wait_for_consumers("ref", {"rq"}, timeout=30), proc.tail()
+    [name] = observer.connections_of("ref")
+    # The management API knows a connection only once its statistics arrive: retry until the broker closed it.
+    deadline = time.monotonic() + 20
+    while not of(history, "connection_closed", stage="ref") and time.monotonic() < deadline:
+        broker.management.close_connection(name, "test: close_connection")
+        observer.wait_for(lambda: of(history, "connection_closed", stage="ref"), timeout=1)
+    assert of(history, "connection_closed", stage="ref"), proc.tail()
+    assert observer.wait_for(lambda: len(of(history, "connection_created", stage="ref")) == 2, timeout=30), proc.tail()
+    assert observer.wait_for_consumers("ref", {"rq"}, timeout=30)
+    [new] = observer.connections_of("ref")
+    assert new != name
+    assert stages.poll() == []
