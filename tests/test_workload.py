@@ -399,3 +399,36 @@ def test_ten_thousand_files_in_seconds(tmp_path):
     seconds = time.perf_counter() - start
     assert len(scan.messages) == 10_000
     assert seconds < 10, seconds  # ~1 s on the development machine
+
+
+DIGEST = """
+import hashlib, json, os, sys
+from pathlib import Path
+from harness.scenario import parse_scenario
+from harness.workload import Workload
+data = json.loads(sys.argv[1])
+workload = Workload(parse_scenario(data, "x"), Path(sys.argv[2]))
+h = hashlib.sha256()
+for i in range(len(data["workload"])):
+    for s in workload.plan(i):
+        h.update(json.dumps([s.as_event(), s.spec], sort_keys=True).replace(sys.argv[2], "").encode())
+        for n in sorted(os.listdir(s.source_dir)):
+            p = s.source_dir / n
+            h.update(n.encode() + p.read_bytes() + str(int(p.stat().st_mtime)).encode())
+print(h.hexdigest())
+"""
+
+
+def test_same_seed_same_workload_across_processes(tmp_path):
+    """Nothing depends on Python's per-process hash seed (xdist workers must agree)."""
+    import subprocess
+    import sys
+    data = {"seed": 5, "clients": [{"name": "a"}, {"name": "b"}], "stages": [{"name": "w", "kind": "worker"}],
+            "workload": [{"client": "a", "objects": 20}, {"client": "b", "mode": "delta", "objects": 10}]}
+    digests = set()
+    for hash_seed in ("1", "12345"):
+        out = subprocess.run([sys.executable, "-c", DIGEST, json.dumps(data), str(tmp_path / hash_seed)],
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed}, cwd=Path(__file__).parent.parent,
+                             capture_output=True, text=True, timeout=60, check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
