@@ -321,6 +321,9 @@ class LocalBroker:
                             process_groups=[self.process.pid, self.epmd.pid])
             self._wait_ready(broker)
             return broker
+        except BaseException:
+            self.stop()  # Ctrl-C or any error half-way: nothing of this attempt stays up
+            raise
         finally:
             claims.release()
 

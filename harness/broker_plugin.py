@@ -181,10 +181,36 @@ def amqp_channel(vhost: Vhost):
                 pass
 
 
+WORKER_STATS: list[dict] = []
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None and STATS.provider is not None:  # an xdist worker reports to the controller
+        workeroutput["qp_broker_stats"] = {"provider": STATS.provider, "broker_start": STATS.broker_start,
+                                           "count": STATS.count, "seconds": STATS.seconds}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    stats = getattr(node, "workeroutput", {}).get("qp_broker_stats")
+    if stats:
+        WORKER_STATS.append(stats)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if STATS.provider is None or os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    mean = f"{1000 * STATS.seconds / STATS.count:.0f} ms" if STATS.count else "n/a"
-    terminalreporter.write_line(
-        f"qp-harness: {STATS.provider} broker ready in {STATS.broker_start:.1f} s; "
-        f"{STATS.count} per-test vhosts, mean create+delete {mean}")
+    runs = list(WORKER_STATS)
+    if STATS.provider is not None:
+        runs.append({"provider": STATS.provider, "broker_start": STATS.broker_start,
+                     "count": STATS.count, "seconds": STATS.seconds})
+    if not runs:
+        return
+    count, seconds = sum(r["count"] for r in runs), sum(r["seconds"] for r in runs)
+    mean = f"{1000 * seconds / count:.0f} ms" if count else "n/a"
+    starts = "/".join(f"{r['broker_start']:.1f}" for r in runs)
+    brokers = f"{len(runs)} {runs[0]['provider']} brokers (one per worker)" if len(runs) > 1 \
+        else f"{runs[0]['provider']} broker"
+    terminalreporter.write_line(f"qp-harness: {brokers} ready in {starts} s; "
+                                f"{count} per-test vhosts, mean create+delete {mean}")
