@@ -254,6 +254,9 @@ class Scenario(Strict):
                                 "so the trigger would never fire")
             if phase.at >= self.time_limit:
                 problems.append(f"@{where}.at: {phase.at:g} s is not before the time limit ({self.time_limit:g} s)")
+            if phase.via == "explorer" and not any(s.kind == "explorer" for s in self.stages):
+                problems.append(f"@{where}.via: the scan specs need an explorer stage and the scenario has none; "
+                                "use 'via: conversions' to fill conversion queues directly")
         instances = {s.name: s.replicas for s in self.stages}
         for index, fault in enumerate(self.faults):
             where = f"faults.{index}"

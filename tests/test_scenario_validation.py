@@ -91,7 +91,7 @@ def test_all_problems_are_reported_together(tmp_path):
 def test_cross_checks_reported_together(tmp_path):
     path = tmp_path / "cross.yaml"
     path.write_text("clients: [{name: a}, {name: a}]\nstages: [{name: w, kind: worker}]\n"
-                    "workload: [{client: b}]\nfaults: [{kind: kill_stage, target: x, at: 1}]\n")
+                    "workload: [{client: b, via: conversions}]\nfaults: [{kind: kill_stage, target: x, at: 1}]\n")
     assert set(locations(rejection(path))) == {"clients.1.name", "workload.0.client", "faults.0.target"}
 
 
