@@ -246,6 +246,8 @@ class _SampleWorker(_Worker):
     def setup(self) -> None:
         self.channel = self.connection.channel()
         self.next_tick = time.monotonic()
+        # queue -> (monotonic time of the probe that found it missing, creation count then)
+        self.missing: dict[str, tuple[float, int]] = {}
 
     def serve_once(self) -> None:
         obs = self.observer
@@ -257,10 +259,24 @@ class _SampleWorker(_Worker):
         t = time.time()
         ready: dict[str, int | None] = {}
         for queue in list(obs._queues):
-            ready[queue] = self._ready(queue)
+            ready[queue] = self._sample(queue, now)
         # Messages the firehose has not yet handed to the observer: while > 0, firehose times run late.
         backlog = self._ready(obs._trace_queue) if obs._trace_queue else None
         obs._on_sample(t, ready, backlog)
+
+    def _sample(self, queue: str, now: float) -> int | None:
+        # A passive declare of a missing queue costs the channel; while no queue.created event
+        # names it, probe a missing queue only every missing_reprobe seconds.
+        gone = self.missing.get(queue)
+        generation = self.observer._queue_generation.get(queue, 0)
+        if gone is not None and gone[1] == generation and now - gone[0] < self.observer.missing_reprobe:
+            return None
+        count = self._ready(queue)
+        if count is None:
+            self.missing[queue] = (now, generation)
+        else:
+            self.missing.pop(queue, None)
+        return count
 
     def _ready(self, queue: str) -> int | None:
         if self.channel is None or not self.channel.is_open:
@@ -313,6 +329,8 @@ class Observer:
         # Port -> (stage, expiry) cache shared by the event and firehose threads.
         self._port_cache: dict[int, tuple[str | None, float]] = {}
         self._port_lock = threading.Lock()
+        self._queue_generation: dict[str, int] = {}  # queue -> queue.created events seen (sampler reads it)
+        self.missing_reprobe = 1.0
         self._trace_queue: str | None = None
         self.firehose_backlog: int | None = None  # last sampled
         self._summaries: dict[tuple[bytes, str | None], dict[str, Any]] = {}  # firehose thread only
@@ -666,6 +684,7 @@ class Observer:
             return True
         if key == "queue.created":
             name = h.get("name")
+            self._queue_generation[name] = self._queue_generation.get(name, 0) + 1
             if name in self._own_queues or _is_own_exclusive(h, self._conns):
                 return True
             self._record("queue_created", t, queue=name, durable=_as_bool(h.get("durable")),
