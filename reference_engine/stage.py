@@ -115,8 +115,6 @@ class Stage:
                 log.warning("connection lost or refused (%r); reconnecting in %.1f s", exc, backoff)
                 self._pause(backoff)
                 backoff = min(backoff * 2, 5.0)
-            finally:
-                pass
         self._shutdown()
         return 0
 
@@ -186,11 +184,12 @@ class Stage:
         if conn is None or not conn.is_open:
             return
         try:
-            for queue in list(self.consuming):
-                self._cancel(queue)
+            # Prefetched messages go back to their queue; then the consumers are cancelled.
             for item in list(self.inbox):
                 self.channel.basic_reject(item.delivery_tag, requeue=True)
             self.inbox.clear()
+            for queue in list(self.consuming):
+                self._cancel(queue)
         except Exception:  # noqa: BLE001
             pass
         self._close()

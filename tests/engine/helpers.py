@@ -153,6 +153,9 @@ class Engine:
 
     def start(self, stage: str, queue_priority: str = "", faults: str = "", check: float = 0.2,
               work: float = 0.0, **extra_env: str) -> Stage:
+        if os.environ.get("QP_ENGINE_TESTS_DROP_FAULTS"):
+            # Contrast run: every fault test must then FAIL (the symptom is the fault's).
+            faults = ""
         env = {**os.environ, "OS2DS_ENGINE_USER_CONFIG_PATH": str(self.config),
                "QUEUE_PRIORITY": queue_priority, "PRIORITY_CHECK_SECONDS": str(check),
                "REFERENCE_WORK_SECONDS": str(work), "REFERENCE_ENGINE_FAULTS": faults,
