@@ -297,12 +297,20 @@ def check_progress(ctx: Context) -> ClauseResult:
     """Rule: inside the stage's consuming segments (first consumer after start/reconnect .. next drop,
     exit or teardown), for each qi: Z = instants where every higher queue q0..q(i-1) was observed empty
     (ready 0 or missing), P = instants where qi was observed non-empty. An interval of Z ∩ P longer
-    than W in which the stage held no consumer on any of q1..qi (for i = 0: on q0) is a violation.
+    than W in which the stage held no consumer on qi is a violation: it is idle, stuck on a lower
+    queue, or sitting on an empty higher lower queue instead of moving down. A delivery to the stage
+    from one of q1..q(i-1) proves that queue had work at that instant, so it splits the interval
+    (a trickle the sampler cannot see keeps the stage up there legitimately).
     Queues never sampled are never judged. Exercised = Z ∩ P intervals longer than W."""
     W = ctx.windows.W
     findings: list[Finding] = []
     judged = 0
     zero, pos = ctx.levels.zero, ctx.levels.pos
+    delivered: dict[tuple[str, str], list[float]] = {}
+    names = {sv.name for sv in ctx.qp_stages}
+    for ev in ctx.history.of("deliver"):
+        if ev.get("stage") in names:
+            delivered.setdefault((ev["stage"], ev.get("queue")), []).append(ev["t"])
     for sv in ctx.qp_stages:
         active = subtract(sv.segments(ctx.teardown), sv.excused)
         Z = active
@@ -316,9 +324,11 @@ def check_progress(ctx: Context) -> ClauseResult:
             judged += len(windows)
             if not windows:
                 continue
-            allowed = sv.priority[1:i + 1] if i > 0 else [qi]
-            idle = longer_than(subtract(windows, sv.on_any(allowed)), W)
-            for a, b in idle:
+            idle = subtract(windows, sv.on(qi))
+            if i > 1:
+                points = sorted(t for q in sv.priority[1:i] for t in delivered.get((sv.name, q), ()))
+                idle = subtract(idle, [(t, t) for t in points])
+            for a, b in longer_than(idle, W):
                 busy = _busy_with(ctx, sv, a, b)
                 above = f"every queue above it ({', '.join(sv.priority[:i])}) was empty" if i else "it is the first queue"
                 findings.append(Finding(

@@ -292,3 +292,21 @@ def test_drain_order_skips_stage_fed_after_start():
     hb = drain(order).publish(12.5, "q0", stage="harness")
     r = judge(hb, "QP-DRAIN-ORDER", scenario(drain=True))
     assert r.outcome == "not_exercised" and "skipped" in r.exercised
+
+
+def test_progress_fails_when_sitting_on_empty_higher_lower_queue():
+    # the stage stays on q1 after it emptied while q2 has work (it never moves down)
+    hb = base().consume(2, "worker", "q1").levels(0, 40, {"q0": [(0, 0)], "q1": [(0, 20), (8, 0)], "q2": [(0, 100)]})
+    end(hb, 40)
+    r = judge(hb, "QP-PROGRESS")
+    assert r.outcome == "failed" and r.findings[0].queues == ["q2"]
+    assert "although every queue above it (q0, q1) was empty; it was consuming q0, q1." in r.findings[0].explanation
+
+
+def test_progress_trickle_into_higher_lower_queue_is_served_work():
+    # q1 looks empty to the sampler, but the stage keeps receiving q1 messages every 2 s
+    hb = base().consume(2, "worker", "q1").levels(0, 40, {"q0": [(0, 0)], "q1": [(0, 0)], "q2": [(0, 100)]})
+    for k in range(19):
+        hb.deliver(3 + 2 * k, "q1", "worker")
+    end(hb, 40)
+    assert judge(hb, "QP-PROGRESS").outcome == "passed"
