@@ -119,6 +119,12 @@ class _Link:
         self.tag = 0
         self.stats = FloodStats()
         self.on_settled: Callable[[], None] | None = None
+        self.generation = 0  # the flood's cancel generation when the current call started
+
+    @property
+    def cancelled(self) -> bool:
+        """``Flood.cancel()`` was called after the current call started."""
+        return self.flood._generation != self.generation
 
     # --- I/O loop ---------------------------------------------------------------
 
@@ -133,7 +139,7 @@ class _Link:
         while True:
             if self.error:
                 raise FloodError(self.error)
-            if goal() or self.flood._cancel.is_set():
+            if goal() or self.cancelled:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise FloodError(f"timed out after {timeout:.0f} s")
@@ -246,7 +252,7 @@ class Flood:
         self.connect_timeout = connect_timeout
         self.totals = FloodStats()  # over every call, all threads
         self.stats = FloodStats()  # of the last call that finished (any thread)
-        self._cancel = threading.Event()
+        self._generation = 0  # bumped by cancel(): calls started before it stop, later ones run
         self._lock = threading.Lock()
         self._links: dict[int, _Link] = {}
 
@@ -276,6 +282,7 @@ class Flood:
     def declare(self, queues: Iterable[str]) -> None:
         """Declare queues exactly as the engine does: durable, not exclusive, no auto-delete, no arguments."""
         link = self._link()
+        link.generation = self._generation
         link.busy = True
         try:
             link.connect()
@@ -310,8 +317,8 @@ class Flood:
 
     def cancel(self) -> None:
         """Make running calls return soon (thread-safe). Later calls work again."""
-        self._cancel.set()
         with self._lock:
+            self._generation += 1
             links = list(self._links.values())
         for link in links:
             conn = link.conn
@@ -344,8 +351,8 @@ class Flood:
                  allow_unroutable: bool, properties: pika.BasicProperties | None = None) -> int:
         if rate is not None and rate <= 0:
             raise ValueError("rate must be > 0 messages per second (or None for as fast as possible)")
-        self._cancel.clear()
         link = self._link()
+        link.generation = self._generation
         link.busy = True
         stats = link.stats = FloodStats()
         state: dict[str, Any] = {"exhausted": False, "timer": None}
@@ -354,14 +361,14 @@ class Flood:
             link.connect()
             self._flood(link, items, total, label, rate, properties or DATA_PROPERTIES, state, t0)
         except KeyboardInterrupt:
-            self._cancel.set()
+            link.error = "interrupted"
             raise
         finally:
             link.on_settled = None
             if state["timer"] is not None and link.conn is not None:
                 link.conn.ioloop.remove_timeout(state["timer"])
             stats.seconds = time.monotonic() - t0
-            if self._cancel.is_set() or link.error:
+            if link.cancelled or link.error:
                 # Confirms for messages in flight are lost with the connection: start afresh next time.
                 link.close()
             link.busy = False
@@ -412,7 +419,7 @@ class Flood:
         def pump() -> None:
             """Send what is due and fits in the window; schedule the next send if rate-limited."""
             state["timer"] = None
-            if self._cancel.is_set() or link.error:
+            if link.cancelled or link.error:
                 return
             now = time.monotonic()
             while not state["exhausted"] and stats.sent - stats.confirmed - stats.nacked < window:

@@ -196,3 +196,22 @@ def test_connections_of_finished_threads_are_closed(flood, broker, vhost):
         t.join(30)
     flood.publish("phase", bodies(1))  # from this thread: the three ended threads' links are closed now
     assert flood.connections == 1
+
+
+def test_cancel_is_not_undone_by_a_later_call(flood):
+    """The time limit cancels a running flood; a phase starting just after must not revive it."""
+    flood.declare(["slow", "quick"])
+
+    def endless():
+        while True:
+            yield {"n": 1}
+
+    slow = threading.Thread(target=lambda: flood.publish("slow", endless(), rate=100))
+    slow.start()
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+    flood.cancel()
+    assert flood.publish("quick", bodies(5)) == 5  # a call after the cancel runs normally
+    slow.join(10)
+    assert not slow.is_alive(), "the cancelled flood went on"
