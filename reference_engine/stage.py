@@ -231,7 +231,10 @@ class Stage:
             now = time.monotonic()
             if now >= next_check:
                 self._check()
-                next_check = time.monotonic() + period
+                # Keep the checks on a fixed grid (a late check does not push the next one back).
+                next_check += period
+                if next_check <= time.monotonic():
+                    next_check = time.monotonic() + period
                 if self.gone:
                     raise StageExit(4, f"queue {self.gone} is gone (fault die_on_queue_gone)")
             if self.inbox:
