@@ -201,6 +201,7 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     yticks, ylabels = [], []
     y = 0.0
     lane_y: dict[str, tuple[float, float]] = {}
+    row_pos: dict[str, dict[str, float]] = {}
     for sv, rows in lanes:
         top = y
         row_y = {}
@@ -211,6 +212,7 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
             ylabels.append(f"{sv.name}  [{rank}] {q}")
             y += 1
         lane_y[sv.name] = (top, y)
+        row_pos[sv.name] = row_y
         for c in sv.consumers:
             if c.queue not in row_y:
                 continue
@@ -238,8 +240,12 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         for ax in (ax_q, ax_s):
             ax.axvline(ctx.teardown - t0, color="#444444", ls=":", lw=1)
 
-    # violations: findings with the same stage and span share one shading and one label
+    # violations: shade the rows of the queues a finding names (the whole lane if none), label the
+    # clause id once per stage and span; the top panel gets the union of all violation spans.
+    from harness.checkers._common import merge as _merge
     spans: dict[tuple, list[str]] = {}
+    rows_of: dict[tuple, set] = {}
+    top_spans = []
     for r in results:
         for f in r.findings:
             if f.start is None:
@@ -247,25 +253,40 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
             a = f.start - t0
             b = (f.end if f.end is not None else f.start + 0.5) - t0
             b = max(b, a + (t_end - t0) * 0.004)
+            top_spans.append((a, b))
             key = (f.stage if f.stage in lane_y else None, round(a, 1), round(b, 1))
             if f.clause not in spans.setdefault(key, []):
                 spans[key].append(f.clause)
+            rows_of.setdefault(key, set()).update(q for q in f.queues if q)
+    for a, b in _merge(top_spans):
+        ax_q.axvspan(a, b, color="#e53935", alpha=0.12, lw=0)
     per_lane: dict[str | None, int] = {}
-    for (stage, a, b), clauses in list(spans.items())[:60]:
+    named: dict[str | None, set] = {}
+    for key, clauses in list(spans.items())[:80]:
+        stage, a, b = key
+        fresh = [c for c in clauses if c not in named.setdefault(stage, set())]
+        named[stage].update(fresh)
         k = per_lane.get(stage, 0)
-        per_lane[stage] = k + 1
-        label = " " + ", ".join(clauses)
-        ax_q.axvspan(a, b, color="#e53935", alpha=0.15, lw=0)
+        if fresh:
+            per_lane[stage] = k + 1
+        else:
+            k = 99  # already labelled in this lane: shade only
+        label = " " + ", ".join(fresh)
         if stage is not None:
             top, bottom = lane_y[stage]
-            ax_s.fill_between([a, b], top - 0.05, bottom - 0.05, color="#e53935", alpha=0.25, lw=0)
+            rows = row_pos[stage]
+            hit = [rows[q] for q in rows_of[key] if q in rows]
+            bands = [(y0, y0 + 1) for y0 in sorted(hit)] or [(top, bottom)]
+            for y0, y1 in bands:
+                ax_s.fill_between([a, b], y0 - 0.02, y1 - 0.18, color="#e53935", alpha=0.22, lw=0)
+                ax_s.plot([a, a], [y0 - 0.02, y1 - 0.18], color="#b00020", lw=1.2)
             if k < 8:
-                ax_s.text(a, top + 0.05 + 0.5 * (k % max(int(bottom - top) * 2 - 1, 1)), label, color="#b00020",
+                ax_s.text(a, top - 0.1 + 0.55 * (k % max(int(bottom - top) * 2 - 1, 1)), label, color="#b00020",
                           fontsize=8, va="top", ha="left", fontweight="bold", clip_on=True,
-                          bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
+                          bbox={"facecolor": "white", "alpha": 0.75, "lw": 0, "pad": 1})
         elif k < 8:
             ax_q.text(a, 0.97 - 0.07 * k, label, transform=ax_q.get_xaxis_transform(), color="#b00020",
-                      fontsize=8, va="top", fontweight="bold", bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
+                      fontsize=8, va="top", fontweight="bold", bbox={"facecolor": "white", "alpha": 0.75, "lw": 0, "pad": 1})
     handles = [Patch(color="#e53935", alpha=0.3, label="violation (clause id)")]
     if any(sv.excused for sv, _ in lanes):
         handles.append(Patch(color="#999999", alpha=0.2, label="stage paused by a fault"))

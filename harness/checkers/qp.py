@@ -57,6 +57,10 @@ def _which_higher(ctx: Context, higher: list[str], a: float, b: float) -> list[s
     return out or [q for q in higher if intersect(ctx.levels.pos.get(q, []), [(a, b)])]
 
 
+def _queues(qs: list[str]) -> str:
+    return f"queue {qs[0]}" if len(qs) == 1 else f"queues {', '.join(qs)}"
+
+
 # ------------------------------------------------------------------ QP-DECLARE
 
 def check_declare(ctx: Context) -> ClauseResult:
@@ -212,7 +216,7 @@ def check_precedence(ctx: Context) -> ClauseResult:
                 findings.append(Finding(
                     "QP-PRECEDENCE",
                     f"Stage {sv.name} kept consuming lower queue {qi} for {b - a:.1f} s ({ctx.span(a, b)}) while "
-                    f"higher queue {', '.join(hq)} had ready messages throughout (W = {W:g} s).",
+                    f"higher {_queues(hq)} had ready messages throughout (W = {W:g} s).",
                     sv.name, [qi] + hq, a + W, b, _cons_events(sv, qi, a, b)))
     return _result("QP-PRECEDENCE", findings, judged, "windows of higher-queue work judged")
 
@@ -258,8 +262,8 @@ def cancel_latencies(ctx: Context):
                             hq = _which_higher(ctx, higher, T, min(hb, end))
                             findings.append(Finding(
                                 "QP-CANCEL-WINDOW",
-                                f"Stage {sv.name} cancelled lower queue {qi} only {lat:.1f} s after higher queue "
-                                f"{', '.join(hq)} filled at {ctx.rel(T)} (W = {W:g} s).",
+                                f"Stage {sv.name} cancelled lower queue {qi} only {lat:.1f} s after higher "
+                                f"{_queues(hq)} filled at {ctx.rel(T)} (W = {W:g} s).",
                                 sv.name, [qi] + hq, T + W, end, _cons_events(sv, qi, T, end)))
                         break
                     if min(hb, end) - T > W:
@@ -268,8 +272,8 @@ def cancel_latencies(ctx: Context):
                             else f"for {min(hb, end) - T:.1f} s"
                         findings.append(Finding(
                             "QP-CANCEL-WINDOW",
-                            f"Stage {sv.name} did not cancel lower queue {qi} within W = {W:g} s after higher queue "
-                            f"{', '.join(hq)} filled at {ctx.rel(T)}; it kept consuming it {still}.",
+                            f"Stage {sv.name} did not cancel lower queue {qi} within W = {W:g} s after higher "
+                            f"{_queues(hq)} filled at {ctx.rel(T)}; it kept consuming it {still}.",
                             sv.name, [qi] + hq, T + W, min(hb, end), _cons_events(sv, qi, T, end)))
                         break
     return latencies, findings
@@ -346,7 +350,8 @@ def check_drain_order(ctx: Context) -> ClauseResult:
     consumer on a priority queue; stages whose priority queues received a publish after s are skipped
     (not a drain). Over its non-redelivered deliveries after s + W, in time order, with m the lowest
     priority index delivered so far: a delivery from q_j with j < m is a violation (q_j was not drained
-    before q_m), and so is the first delivery from q_m while q_(m-1) was observed non-empty."""
+    before q_m), and so is the first delivery from q_m while any queue above it was observed non-empty.
+    Exercised = first deliveries from a queue below the previous one (boundaries crossed)."""
     sc = ctx.scenario
     if sc is None or not sc.checks.drain:
         return ClauseResult("QP-DRAIN-ORDER", "not_exercised", "not a drain scenario (checks.drain is false)")
@@ -381,14 +386,15 @@ def check_drain_order(ctx: Context) -> ClauseResult:
                 continue
             k = index[q]
             if k > m:
-                if m >= 0:
+                if m >= 0 or k > 0:
                     judged += 1
-                    prev = pq[k - 1]
-                    if covers(ctx.levels.pos.get(prev, []), ev["t"]):
+                    waiting = [p for p in pq[:k] if covers(ctx.levels.pos.get(p, []), ev["t"])]
+                    if waiting:
                         findings.append(Finding(
                             "QP-DRAIN-ORDER",
                             f"Stage {sv.name} received its first message from {q} at {ctx.rel(ev['t'])} while "
-                            f"{prev} still had ready messages.", sv.name, [prev, q], ev["t"], ev["t"] + 0.5, [ev]))
+                            f"higher {_queues(waiting)} still had ready messages.",
+                            sv.name, waiting + [q], ev["t"], ev["t"] + 0.5, [ev]))
                 m = k
             elif k < m and (k, m) not in reported:
                 reported.add((k, m))
