@@ -28,6 +28,9 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "scenario": "scenario name",
         "vhost": "the test's vhost",
         "seed": "workload seed",
+        "check_period": "the check period the run was judged with (s)",
+        "tolerance": "the window tolerance (s); W = check_period + tolerance",
+        "grace": "the start-up grace G (s)",
     },
     "run_finished": {"reason": "why the run ended: 'complete', 'time_limit', 'error'"},
     "stage_started": {

@@ -6,4 +6,5 @@ of ``pytest --help``.
 """
 pytest_plugins = [
     "harness.broker_plugin",
+    "harness.scenario_plugin",
 ]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 from pathlib import Path
 from typing import Any, Callable
@@ -95,6 +96,9 @@ def engine_from(config: pytest.Config) -> EngineSettings:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "clauses(*ids): the SPEC.md clause ids a test enforces")
+    # pika logs every channel the broker closes (the observer's passive declares of
+    # missing queues do that on purpose) as a warning; keep test reports readable.
+    logging.getLogger("pika").setLevel(logging.ERROR)
     if config.option.help or config.option.collectonly:
         return
     windows_from(config)  # fail fast on bad values, before any broker starts
@@ -148,7 +152,7 @@ def _summary(nodeid: str, result: RunResult) -> dict[str, Any]:
         "timeline": str(result.timeline) if result.timeline else None,
         "outcomes": {r.clause: r.outcome for r in result.results},
         "failed": [r.clause for r in result.failed],
-        "cancel_latency": cancel.metrics if cancel else {},
+        "cancel_latency": (cancel.metrics.get("latency_s") or {}) if cancel else {},
     }
 
 
@@ -184,7 +188,9 @@ def assert_scenario(result: RunResult) -> None:
 
 
 def _failure_text(result: RunResult, problems: list[ClauseResult], format_failure) -> str:
-    lines = [format_failure(problems, result.history)]
+    lines = [format_failure(problems, result.history)] if any(p.failed for p in problems) else []
+    lines += [f"{p.clause}: not exercised ({p.exercised}); this test needs the clause put to the test"
+              for p in problems if p.outcome == "not_exercised"]
     if result.reason != "complete":
         lines.append(f"(the run ended by {result.reason})")
     lines.append(f"report folder: {result.report_dir}")
@@ -236,6 +242,9 @@ def _make_test(scenario: Scenario):
 
 
 # -- the terminal summary ----------------------------------------------------
+_collected: list[dict[str, Any]] = []  # per-run summaries, gathered on the controller under xdist
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when != "call":
         return
@@ -243,8 +252,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         if key == SUMMARY_KEY:
             _collected.append({**json.loads(value), "outcome": report.outcome})
 
-
-_collected: list[dict[str, Any]] = []
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

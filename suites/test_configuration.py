@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.checkers.cf import lint_scenario
+from harness.checkers import lint
 from harness.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,7 +15,7 @@ SHIPPED = sorted((ROOT / "scenarios").rglob("*.yaml")) + sorted((ROOT / "suites"
 def test_shipped_scenarios_are_aligned(path):
     scenario = load_scenario(path)
     expected = set(scenario.checks.expect_fail)
-    for result in lint_scenario(scenario):
+    for result in lint(scenario):
         if result.clause in expected:
             assert result.failed, f"{result.clause}: {path.name} expects this clause to fail"
         else:
