@@ -78,13 +78,12 @@ def stop_watchdog(timeout: float = 20.0) -> None:
         if proc is None or _owner_pid != os.getpid():
             return
         _proc = _registry = _owner_pid = None
+    # Sweep here, not in the watchdog: it may not even have finished starting yet.
+    if registry is not None:
+        stop_groups(_read_registry(registry))
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        proc.kill()
+    proc.wait(timeout)
     if registry is not None:
         shutil.rmtree(registry.parent, ignore_errors=True)
 
