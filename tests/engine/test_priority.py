@@ -12,8 +12,6 @@ def apply(consuming: set, d: Decision) -> set:
     after = set(consuming)
     for q in d.cancel:
         after.discard(q)
-    lowers_mid = [q for q in after if q != Q[0]]
-    assert len(lowers_mid) <= 1 or set(d.cancel) & set(lowers_mid) == set(), "cancel before start"
     for q in d.start:
         after.add(q)
     return after
