@@ -66,6 +66,9 @@ def provider_settings(config: pytest.Config) -> ProviderSettings:
         timeout = float(option(config, "rabbitmq_start_timeout"))
     except ValueError as error:
         raise pytest.UsageError(f"rabbitmq_start_timeout: {error}") from error
+    stop_mode = option(config, "rabbitmq_stop") or "kill"
+    if stop_mode not in ("kill", "graceful"):
+        raise pytest.UsageError(f"rabbitmq_stop must be kill or graceful, not {stop_mode!r}")
     return ProviderSettings(
         provider=option(config, "rabbitmq_provider") or "auto",
         url=option(config, "rabbitmq_url") or None,
@@ -73,8 +76,12 @@ def provider_settings(config: pytest.Config) -> ProviderSettings:
         docker_image=option(config, "rabbitmq_docker_image") or DEFAULT_DOCKER_IMAGE,
         start_timeout=timeout,
         server_dir=option(config, "rabbitmq_server_dir") or None,
-        stop_mode=option(config, "rabbitmq_stop") or "kill",
+        stop_mode=stop_mode,
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    provider_settings(config)  # a bad ini value is a usage error at start, not a fixture error later
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

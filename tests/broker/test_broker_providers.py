@@ -138,3 +138,11 @@ def test_docker_provider_live(tmp_path):
         assert broker.management.vhost("qp-docker-live")["tracing"] is True
     finally:
         provision.close()
+
+
+def test_bad_ini_values_are_usage_errors(inner):
+    run = inner("def test_uses_broker(broker):\n    pass\n")
+    (run.directory / "pytest.ini").write_text("[pytest]\nrabbitmq_stop = later\n")
+    result = run.run()
+    assert result.returncode == 4  # pytest's usage error, before anything starts
+    assert "rabbitmq_stop must be kill or graceful" in result.stderr
