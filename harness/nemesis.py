@@ -15,13 +15,8 @@ import pika
 
 from harness.broker import Broker
 from harness.history import HistoryWriter
-from harness.messages import encode_body
+from harness.flood import poison_body
 from harness.scenario import Fault
-
-POISON_BODIES = {
-    "not_json": b"\x00this is not JSON {",
-    "missing_fields": encode_body({"scan_tag": {"note": "fields the stage needs are missing"}, "hello": 1}),
-}
 
 
 class NemesisError(RuntimeError):
@@ -41,6 +36,7 @@ class Nemesis:
         self.threads: list[threading.Thread] = []
         # Stage instances a fault stopped on purpose: their exit is no error.
         self.expected_exits: set[str] = set()
+        self.deleted_queues: set[str] = set()
 
     def tick(self, elapsed: float) -> None:
         for index, fault in list(self.pending):
@@ -65,6 +61,7 @@ class Nemesis:
 
     # -- the faults ----------------------------------------------------------
     def _delete_queue(self, fault: Fault) -> None:
+        self.deleted_queues.add(fault.target)
         with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
             connection.channel().queue_delete(fault.target)
 
@@ -95,12 +92,10 @@ class Nemesis:
         thread.start()
 
     def _poison(self, fault: Fault) -> None:
-        shape = fault.params.get("shape", "not_json")
-        body = POISON_BODIES[shape]
+        body, properties = poison_body(fault.params.get("shape", "not_json"))
         count = int(fault.params.get("count", 1))
         with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
             channel = connection.channel()
             channel.confirm_delivery()
             for _ in range(count):
-                channel.basic_publish("", fault.target, body,
-                                      pika.BasicProperties(delivery_mode=2, content_encoding="gzip"))
+                channel.basic_publish("", fault.target, body, properties)

@@ -8,6 +8,7 @@ here or below; the verdict is a pure function of the history.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -18,8 +19,9 @@ from typing import Any, Callable
 from harness.broker import Broker
 from harness.checkers import CLAUSE_IDS, check_all
 from harness.checkers.model import ClauseResult, Windows
-from harness.flood import Flood
+from harness.flood import Flood, progress_line
 from harness.history import HISTORY_VERSION, History, HistoryWriter
+from harness.nemesis import Nemesis, NemesisError
 from harness.observer import Observer
 from harness.scenario import Phase, Scenario
 from harness.stages import StageExited, StageLauncher
@@ -29,7 +31,7 @@ Progress = Callable[[str], None]
 
 
 class ScenarioRunError(Exception):
-    """The run itself could not be carried out (a stage died, never connected, ...)."""
+    """The run itself could not be carried out (bad engine command, broker gone, ...)."""
 
 
 @dataclass
@@ -48,6 +50,9 @@ class RunResult:
     results: list[ClauseResult]
     report_dir: Path
     reason: str
+    # What went wrong with the run itself (a stage died or never consumed, the
+    # workload could not be published): the test fails on these whatever the clauses say.
+    problems: list[str] = field(default_factory=list)
     timeline: Path | None = None
 
     def result(self, clause: str) -> ClauseResult:
@@ -59,6 +64,10 @@ class RunResult:
     @property
     def failed(self) -> list[ClauseResult]:
         return [r for r in self.results if r.failed]
+
+    @property
+    def failed_clauses(self) -> set[str]:
+        return {r.clause for r in self.failed}
 
 
 class _ResultCounter:
@@ -82,6 +91,15 @@ class _ResultCounter:
         return len(self.seen)
 
 
+class RunEnded(Exception):
+    """Ends the driving loop early; ``reason`` goes into run_finished."""
+
+    def __init__(self, reason: str, problem: str):
+        super().__init__(problem)
+        self.reason = reason
+        self.problem = problem
+
+
 class ScenarioRun:
     """One run of one scenario on one vhost."""
 
@@ -97,8 +115,11 @@ class ScenarioRun:
         self.say = progress or (lambda text: None)
         self.history = HistoryWriter(report_dir / "history.jsonl")
         self.expected: set[tuple[str, str]] = set()
+        self.queue_of: dict[tuple[str, str], str] = {}  # planned object -> its conversion queue
+        self.problems: list[str] = []
         self.publish_errors: list[BaseException] = []
         self._publishers: list[threading.Thread] = []
+        self.flood: Flood | None = None
 
     # -- the run -----------------------------------------------------------
     def run(self) -> str:
@@ -109,11 +130,13 @@ class ScenarioRun:
         observer = Observer(self.broker, self.vhost, self.history, scenario.queues)
         launcher = StageLauncher(self.engine.command, self.engine.env, self.broker, self.vhost,
                                  self.report_dir, self.history, observer)
+        nemesis = Nemesis(scenario.faults, self.broker, self.vhost, self.history, launcher, observer, self.say)
         reason = "error"
         try:
             observer.start()
             self.workload = Workload(scenario, self.data_dir)
-            self.flood = Flood(self.broker.connection_parameters(self.vhost))
+            self.flood = Flood(self.broker.connection_parameters(self.vhost),
+                               progress=lambda p: self.say(progress_line(p)))
             first = [s for s in scenario.stages if s.start == "immediately"]
             later = [s for s in scenario.stages if s.start == "after_workload"]
             if later:
@@ -121,14 +144,20 @@ class ScenarioRun:
                 # Declared exactly as the engine declares them (durable, no arguments).
                 self.flood.declare(q for s in later for q in s.read_queues)
             self._start_stages(launcher, observer, first)
-            reason = self._drive(launcher, observer, later)
+            reason = self._drive(launcher, observer, nemesis, later)
+        except RunEnded as ended:
+            reason = ended.reason
+            self.problems.append(ended.problem)
+            self.say(ended.problem.splitlines()[0])
         finally:
             self.history.record("phase", name="teardown")
+            if self.flood is not None:
+                self.flood.cancel()
             launcher.stop_all()
             observer.stop()
             self.history.record("run_finished", reason=reason)
             self.history.close()
-            if getattr(self, "flood", None) is not None:
+            if self.flood is not None:
                 self.flood.close()
         return reason
 
@@ -142,18 +171,19 @@ class ScenarioRun:
         deadline = time.monotonic() + self.windows.G
         waiting = {p.name for p in instances}
         while waiting:
-            self._raise_if_exited(launcher)
+            self._check_stages(launcher)
             waiting = {name for name in waiting if not observer.consumers_of(name)}
             if not waiting:
                 break
             if time.monotonic() > deadline:
-                tails = "\n".join(f"--- {p.name} (last lines) ---\n{p.tail(40)}" for p in instances if p.name in waiting)
-                raise ScenarioRunError(f"QP-DECLARE: stage(s) {', '.join(sorted(waiting))} did not start consuming "
-                                       f"within G = {self.windows.G:g} s\n{tails}")
+                tails = "\n".join(f"--- {p.name} (pid {p.pid}), last lines of {p.log_path} ---\n{p.tail(40)}"
+                                  for p in instances if p.name in waiting)
+                raise RunEnded("stage_silent", f"stage(s) {', '.join(sorted(waiting))} did not start consuming "
+                                               f"within G = {self.windows.G:g} s\n{tails}")
             time.sleep(0.05)
         self.history.record("phase", name="stages_ready", stages=[p.name for p in instances])
 
-    def _drive(self, launcher: StageLauncher, observer: Observer, later) -> str:
+    def _drive(self, launcher: StageLauncher, observer: Observer, nemesis: Nemesis, later) -> str:
         scenario = self.scenario
         started = time.monotonic()
         deadline = started + scenario.time_limit
@@ -162,33 +192,61 @@ class ScenarioRun:
         later_started = not later
         while True:
             now = time.monotonic()
-            self._raise_if_exited(launcher)
+            self._check_stages(launcher)
             if self.publish_errors:
-                raise ScenarioRunError(f"publishing the workload failed: {self.publish_errors[0]}")
+                raise RunEnded("error", f"publishing the workload failed: {self.publish_errors[0]}")
             for index, phase in list(pending):
                 if self._phase_due(phase, now - started, observer):
                     pending.remove((index, phase))
                     self._launch_phase(index, phase)
+            try:
+                nemesis.tick(now - started)
+            except (NemesisError, KeyError) as exc:
+                raise RunEnded("error", f"a fault of the scenario could not be applied: {exc}") from None
             flooding = pending or any(t.is_alive() for t in self._publishers)
             if not flooding and not later_started:
                 self.history.record("phase", name="flood_done")
                 self._start_stages(launcher, observer, later)
                 later_started = True
             done = counter.update()
-            if not flooding and later_started and done >= len(self.expected):
-                self.say(f"all {len(self.expected)} objects have a result")
+            wanted = self._still_expected(counter.seen, nemesis.deleted_queues)
+            if not flooding and later_started and not nemesis.pending and done >= wanted:
+                self.say(f"all {wanted} objects have a result")
                 self._settle(launcher)
                 return "complete"
             if now > deadline:
-                self.say(f"time limit {scenario.time_limit:g} s reached with {done}/{len(self.expected)} results")
+                silent = self._silent_stages(observer, launcher)
+                self.say(f"time limit {scenario.time_limit:g} s reached with {done}/{wanted} results"
+                         + (f"; silent: {', '.join(silent)}" if silent else ""))
+                if silent:
+                    self.problems.append(f"time limit {scenario.time_limit:g} s reached; stage(s) with no "
+                                         f"delivery in the last {self.windows.W:g} s: {', '.join(silent)}")
                 return "time_limit"
             time.sleep(0.05)
+
+    def _silent_stages(self, observer: Observer, launcher: StageLauncher) -> list[str]:
+        """Running stages with work ready in a queue they read but no delivery in the last W (a hang)."""
+        horizon = time.time() - self.windows.W
+        heard = {e.get("stage") for e in self.history.events[-20000:]
+                 if e["type"] == "deliver" and e["t"] >= horizon}
+        silent = []
+        for process in launcher.running():
+            queues = self.scenario.stage(process.role).read_queues
+            if process.name not in heard and any((observer.ready(q) or 0) > 0 for q in queues):
+                silent.append(process.name)
+        return sorted(silent)
+
+    def _still_expected(self, seen: set[tuple[str, str]], deleted: set[str]) -> int:
+        """Objects that can still get a result: those whose queue a fault deleted are gone unless answered."""
+        if not deleted:
+            return len(self.expected)
+        return sum(1 for key in self.expected if self.queue_of[key] not in deleted or key in seen)
 
     def _settle(self, launcher: StageLauncher) -> None:
         # A short look after the last result, so duplicates and late cancels are seen.
         end = time.monotonic() + min(1.0, self.windows.W)
         while time.monotonic() < end:
-            self._raise_if_exited(launcher)
+            self._check_stages(launcher)
             time.sleep(0.05)
 
     # -- workload ----------------------------------------------------------
@@ -203,7 +261,9 @@ class ScenarioRun:
         messages: list[tuple[str, Any]] = []
         for scan in planned:
             self.history.record("scan_planned", **scan.as_event())
-            self.expected.update((scan.scan, obj) for obj in scan.objects)
+            for obj in scan.objects:
+                self.expected.add((scan.scan, obj))
+                self.queue_of[(scan.scan, obj)] = scan.conversion_queue
             messages += scan.messages
         self.history.record("phase", name=f"workload.{index}", client=phase.client, mode=phase.mode,
                             messages=len(messages))
@@ -215,14 +275,15 @@ class ScenarioRun:
 
     def _publish(self, messages: list[tuple[str, Any]], rate: float | None) -> None:
         try:
+            # Unroutable messages are the engine's or the configuration's fault, judged by RT-ROUTABLE.
             self.flood.publish_many(messages, rate=rate, allow_unroutable=True)
         except BaseException as exc:  # reported by the driving loop
             self.publish_errors.append(exc)
 
-    def _raise_if_exited(self, launcher: StageLauncher) -> None:
+    def _check_stages(self, launcher: StageLauncher) -> None:
         exits = launcher.poll()
         if exits:
-            raise StageExited.from_exits(exits)
+            raise RunEnded("stage_exited", str(StageExited.from_exits(exits)))
 
 
 def prepare_report_dir(root: Path, test_id: str) -> Path:
@@ -241,4 +302,8 @@ def run_scenario(scenario: Scenario, broker: Broker, vhost: str, windows: Window
     history = History.load(report_dir / "history.jsonl")
     # Every clause is judged; the scenario's own list says which must also be exercised.
     results = check_all(history, scenario, windows, clauses=CLAUSE_IDS)
-    return RunResult(scenario, windows, history, results, report_dir, reason)
+    (report_dir / "verdict.json").write_text(json.dumps({
+        "scenario": scenario.name, "reason": reason, "problems": run.problems,
+        "outcomes": {r.clause: r.outcome for r in results},
+    }, indent=1))
+    return RunResult(scenario, windows, history, results, report_dir, reason, run.problems)

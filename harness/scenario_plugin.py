@@ -119,12 +119,14 @@ def scenario_runner(request: pytest.FixtureRequest, broker, vhost, tmp_path: Pat
         if reporter is not None and config.option.verbose > 0:
             reporter.write_line(f"[qp] {request.node.name}: {text}")
 
-    def run(source: Scenario | str | Path) -> RunResult:
+    def run(source: Scenario | str | Path, engine_env: dict[str, str] | None = None) -> RunResult:
+        """Run a scenario (object or path relative to the rootdir); ``engine_env`` adds to --engine-env."""
         scenario = source if isinstance(source, Scenario) else load_scenario(Path(config.rootpath, source))
         windows = windows_from(config, scenario)
         name = request.node.nodeid if not runs else f"{request.node.nodeid}-{len(runs) + 1}"
         report_dir = prepare_report_dir(report_root, name)
-        result = run_scenario(scenario, broker, vhost.name, windows, engine, report_dir,
+        settings = EngineSettings(engine.command, {**engine.env, **(engine_env or {})})
+        result = run_scenario(scenario, broker, vhost.name, windows, settings, report_dir,
                               tmp_path / f"data{len(runs)}", progress)
         runs.append(result)
         _save_pictures(config, result)
@@ -136,7 +138,7 @@ def scenario_runner(request: pytest.FixtureRequest, broker, vhost, tmp_path: Pat
 
 def _save_pictures(config: pytest.Config, result: RunResult) -> None:
     mode = _value(config, "timeline")
-    if mode == "none" or (mode == "failed" and not result.failed):
+    if mode == "none" or (mode == "failed" and not result.failed and not result.problems):
         return
     from harness.report import render_timeline
     result.timeline = render_timeline(result.history, result.results, result.report_dir / "timeline.png")
@@ -152,6 +154,7 @@ def _summary(nodeid: str, result: RunResult) -> dict[str, Any]:
         "timeline": str(result.timeline) if result.timeline else None,
         "outcomes": {r.clause: r.outcome for r in result.results},
         "failed": [r.clause for r in result.failed],
+        "problems": [p.splitlines()[0] for p in result.problems],
         "cancel_latency": (cancel.metrics.get("latency_s") or {}) if cancel else {},
     }
 
@@ -165,7 +168,7 @@ def assert_clauses(result: RunResult, *clauses: str) -> None:
         outcome = result.result(clause)
         if outcome.outcome != "passed":
             problems.append(outcome)
-    if problems:
+    if problems or result.problems:
         raise AssertionError(_failure_text(result, problems, format_failure))
 
 
@@ -179,7 +182,7 @@ def assert_scenario(result: RunResult) -> None:
     unexercised = [r for r in result.results
                    if checks.clauses and r.clause in checks.clauses and r.outcome == "not_exercised"]
     text = []
-    if unexpected or unexercised:
+    if unexpected or unexercised or result.problems:
         text.append(_failure_text(result, unexpected + unexercised, format_failure))
     if missing:
         text.append(f"{', '.join(missing)}: expected to fail in this scenario, but did not")
@@ -191,6 +194,7 @@ def _failure_text(result: RunResult, problems: list[ClauseResult], format_failur
     lines = [format_failure(problems, result.history)] if any(p.failed for p in problems) else []
     lines += [f"{p.clause}: not exercised ({p.exercised}); this test needs the clause put to the test"
               for p in problems if p.outcome == "not_exercised"]
+    lines += [f"the run itself failed: {problem}" for problem in result.problems]
     if result.reason != "complete":
         lines.append(f"(the run ended by {result.reason})")
     lines.append(f"report folder: {result.report_dir}")
@@ -266,6 +270,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             figure = (f"  cancel latency min/median/max {latency['min']:.2f}/{latency['median']:.2f}/"
                       f"{latency['max']:.2f} s over {latency['count']}")
         failed = f"  FAILED {', '.join(entry['failed'])}" if entry["failed"] else ""
+        failed += "".join(f"  RUN PROBLEM: {p}" for p in entry.get("problems", []))
         passed = sum(1 for o in entry["outcomes"].values() if o == "passed")
         idle = sum(1 for o in entry["outcomes"].values() if o == "not_exercised")
         tr.write_line(f"{entry['test']}: {passed} passed, {idle} not exercised{failed}{figure}")

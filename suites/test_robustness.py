@@ -1,0 +1,24 @@
+"""FT-*: the engine under faults injected by the harness (deleted queue, poison, dropped connection)."""
+import pytest
+
+from harness.scenario_plugin import assert_clauses
+
+HERE = "suites/clause_scenarios"
+
+
+@pytest.mark.clauses("FT-POISON")
+def test_poison_messages_are_reported_and_removed(scenario_runner):
+    run = scenario_runner(f"{HERE}/poison.yaml")
+    assert_clauses(run, "FT-POISON", "DL-EXACTLY-ONCE", "QP-FIRST-PINNED")
+
+
+@pytest.mark.clauses("FT-QUEUE-GONE")
+def test_deleted_lower_queue_does_not_stop_the_stage(scenario_runner):
+    run = scenario_runner(f"{HERE}/queue_gone.yaml")
+    assert_clauses(run, "FT-QUEUE-GONE", "QP-FIRST-PINNED", "DL-EXACTLY-ONCE")
+
+
+@pytest.mark.clauses("FT-RECONNECT")
+def test_stage_reconnects_after_broker_closes_its_connection(scenario_runner):
+    run = scenario_runner(f"{HERE}/reconnect.yaml")
+    assert_clauses(run, "FT-RECONNECT", "DL-EXACTLY-ONCE")
