@@ -33,11 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("check", help="re-run the checkers on a saved history.jsonl")
     cp.add_argument("history", type=Path, metavar="history.jsonl")
     cp.add_argument("--scenario", type=Path, help="the scenario the history was recorded from")
-    cp.add_argument("--check-period", type=float, help="engine check period in seconds (default: scenario, else 5)")
+    cp.add_argument("--check-period", type=float,
+                    help="engine check period in seconds (default: as recorded in the history, else scenario, else 5)")
     cp.add_argument("--tolerance", "--window-tolerance", type=float, dest="tolerance",
-                    help="window tolerance in seconds (default: scenario, else 1)")
+                    help="window tolerance in seconds (default: as recorded, else scenario, else 1)")
     cp.add_argument("--grace", "--startup-grace", type=float, dest="grace",
-                    help="start-up grace G in seconds (default: scenario, else 30)")
+                    help="start-up grace G in seconds (default: as recorded, else scenario, else 30)")
     cp.add_argument("--clauses", help="comma-separated clause ids or families (default: the scenario's, else all)")
     cp.add_argument("--timeline", type=Path, help="also write the timeline PNG here")
     cp.add_argument("--json", action="store_true", help="print the results as JSON instead of text")
@@ -82,8 +83,15 @@ def _check(args) -> int:
     except OSError as exc:
         print(f"{args.history}: cannot read: {exc.strerror}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    # Explicit options win; then the scenario's own checks; then SPEC.md's defaults.
+    # Explicit options win; then the windows the run itself was judged with (recorded in run_started);
+    # then the scenario's own checks; then SPEC.md's defaults.
     w = windows_for(scenario, Windows())
+    started = history.of("run_started")
+    if started:
+        rec = started[0]
+        w = Windows(rec.get("check_period") or w.check_period,
+                    rec["tolerance"] if rec.get("tolerance") is not None else w.tolerance,
+                    rec.get("grace") or w.grace)
     w = Windows(args.check_period if args.check_period is not None else w.check_period,
                 args.tolerance if args.tolerance is not None else w.tolerance,
                 args.grace if args.grace is not None else w.grace)

@@ -101,3 +101,14 @@ def test_check_bad_history(tmp_path):
 def test_schema():
     rc, out, _ = run("schema")
     assert rc == 0 and "stages" in json.loads(out)["properties"]
+
+
+def test_check_uses_windows_recorded_in_the_history(tmp_path):
+    hist = tmp_path / "history.jsonl"
+    events = switch_history(13.0).events
+    events[0] = {**events[0], "check_period": 1.0, "tolerance": 0.5, "grace": 10.0}
+    write_events(hist, events)
+    rc, out, _ = run("check", hist, "--clauses", "QP-CANCEL-WINDOW")
+    assert "W = 1.5 s, G = 10 s" in out and rc == 1
+    rc, out, _ = run("check", hist, "--clauses", "QP-CANCEL-WINDOW", "--check-period", "5", "--tolerance", "1")
+    assert "W = 6 s" in out and rc == 0

@@ -183,3 +183,11 @@ def test_reconnect_fails_without_first_queue():
 def test_reconnect_not_exercised_when_no_close_happened():
     hb = HB().stage(0, "worker").consume(1, "worker", "q0").fault(10, "close_connection", "worker")
     assert judge(hb, "FT-RECONNECT").outcome == "not_exercised"
+
+
+def test_reconnect_close_at_teardown_is_not_the_fault_taking_effect():
+    # the management API never closed the connection; the only close is the harness stopping the stage
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").fault(5, "close_connection", "worker")
+    hb.phase(14, "teardown").cancel(14.05, "worker", "q0").conn_closed(14.06, "worker").exit(14.3, "worker")
+    r = judge(hb, "FT-RECONNECT")
+    assert r.outcome == "not_exercised" and "the broker closed no stage connection" in r.exercised
