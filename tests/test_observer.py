@@ -292,3 +292,15 @@ def test_a_closed_stage_connection_and_its_reconnect_are_attributed(make_observe
     [new] = observer.connections_of("ref")
     assert new != name
     assert stages.poll() == []
+
+
+def test_an_unreachable_broker_is_a_clear_error(tmp_path):
+    from harness.broker import Broker, free_port
+    from harness.observer import ObserverError
+
+    nowhere = Broker("127.0.0.1", free_port(), "http://127.0.0.1:1", "u", "p", "test")
+    observer = Observer(nowhere, "v", HistoryWriter(), [])
+    with pytest.raises(ObserverError) as info:
+        observer.start()
+    assert f"127.0.0.1:{nowhere.amqp_port}" in str(info.value) and info.value.__suppress_context__
+    observer.stop()  # harmless after a failed start
