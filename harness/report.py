@@ -194,8 +194,6 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         ax_q.step([x - t0 for x in xs], ys, where="post", color=colour[q], lw=1.4, label=q)
     ax_q.set_ylabel("ready messages")
     ax_q.grid(True, alpha=0.3)
-    if plot_queues:
-        ax_q.legend(loc="upper right", fontsize=8, ncol=min(4, len(plot_queues)), framealpha=0.8)
 
     # stage lanes
     yticks, ylabels = [], []
@@ -290,7 +288,11 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     handles = [Patch(color="#e53935", alpha=0.3, label="violation (clause id)")]
     if any(sv.excused for sv, _ in lanes):
         handles.append(Patch(color="#999999", alpha=0.2, label="stage paused by a fault"))
-    ax_s.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.8)
+    if any(r.findings for r in results) is False:
+        handles = []
+    lines, names = ax_q.get_legend_handles_labels()
+    ax_q.legend(lines + handles, names + [h.get_label() for h in handles], loc="upper right", fontsize=8,
+                ncol=min(4, len(lines) + len(handles)), framealpha=0.85)
     ax_s.set_xlim(0, t_end - t0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
