@@ -282,3 +282,22 @@ def test_sigterm_finishes_the_message_in_hand_and_exits_0(observer, engine, ch, 
     handled = ready(ch, "os2ds_status")
     assert ready(ch, "os2ds_matches") == handled
     assert ready(ch, "s0") + handled == 20  # nothing lost, nothing half-done
+
+
+@pytest.mark.clauses("RT-BROADCAST")
+def test_abort_command_reaches_the_explorer_too(observer, engine, ch, tmp_path):
+    import pika
+    from .helpers import encode, scan_tag
+    data = tmp_path / "d"
+    make_files(data, 1)
+    explorer = engine.start("explorer", work=0.2)
+    wait_consuming(observer, "os2ds_scan_specs")
+    for _ in range(15):
+        publish(ch, "os2ds_scan_specs", scan_spec(data, pk=404))
+    wait_until(lambda: (ready(ch, "os2ds_status") or 0) >= 1, 10, "the first spec handled")
+    ch.exchange_declare("broadcast", "fanout", durable=True)
+    ch.basic_publish("broadcast", "", encode({"abort": scan_tag(404), "log_level": None, "profiling": None}),
+                     pika.BasicProperties(priority=10, delivery_mode=2, content_encoding="gzip"))
+    wait_until(lambda: ready(ch, "os2ds_scan_specs") == 0, 20, "the scan's specs dropped")
+    assert explorer.stop() == 0
+    assert ready(ch, "os2ds_status") < 15
