@@ -210,6 +210,9 @@ class StageView:
     # Spans where a fault froze the stage on purpose (pause_stage .. resume_stage + W): the stage
     # cannot react then, so the QP clauses do not judge it.
     excused: list[Interval] = field(default_factory=list)
+    # Consumers on its queues that the observer could not attribute to any stage: its own consumer
+    # lifecycle is then incomplete, so the consumer-based QP clauses do not judge it.
+    unattributed: int = 0
 
     def on(self, queue: str) -> list[Interval]:
         return merge((c.start, c.end) for c in self.consumers if c.queue == queue)
@@ -256,7 +259,16 @@ class Context:
 
     @property
     def qp_stages(self) -> list[StageView]:
+        """Stages with QUEUE_PRIORITY whose consumers are all attributed (the ones QP can judge)."""
+        return [s for s in self.stages.values() if s.priority and not s.unattributed]
+
+    @property
+    def qp_stages_all(self) -> list[StageView]:
         return [s for s in self.stages.values() if s.priority]
+
+    @property
+    def unjudged(self) -> list[str]:
+        return [s.name for s in self.stages.values() if s.priority and s.unattributed]
 
 
 def build_context(history, scenario, windows: Windows) -> Context:
@@ -319,12 +331,16 @@ def _build_stages(history, end: float, teardown: float, windows: Windows) -> dic
         c.end, c.reason = t, reason
         closed.append(c)
 
+    unattributed: list[tuple[float, str]] = []
     for ev in events:
         typ = ev["type"]
         t = ev["t"]
         if typ == "consumer_created":
             stage = ev.get("stage")
-            if stage is None or stage == "harness":
+            if stage is None:
+                unattributed.append((t, ev.get("queue")))
+                continue
+            if stage == "harness":
                 continue
             key = (ev.get("chan"), ev.get("tag"), stage, ev.get("queue"))
             if key in open_:
@@ -407,6 +423,8 @@ def _build_stages(history, end: float, teardown: float, windows: Windows) -> dic
         stages[target].excused.append((t, end))
     for sv in stages.values():
         sv.excused = merge(sv.excused)
+        pq = set(sv.priority)
+        sv.unattributed = sum(1 for t, q in unattributed if q in pq and any(a <= t <= b for a, b in sv.lives))
     return stages
 
 

@@ -20,8 +20,11 @@ from harness.checkers.model import ClauseResult, Finding
 SWITCH_SLACK = 0.5
 
 
-def _result(clause: str, findings: list[Finding], exercised: int, what: str, **metrics) -> ClauseResult:
+def _result(clause: str, findings: list[Finding], exercised: int, what: str, ctx: Context | None = None,
+            **metrics) -> ClauseResult:
     text = f"{exercised} {what}"
+    if ctx is not None and ctx.unjudged:
+        text += f" ({', '.join(ctx.unjudged)} not judged: consumers on its queues the observer could not attribute)"
     if findings:
         outcome = "failed"
     elif exercised == 0:
@@ -71,7 +74,7 @@ def check_declare(ctx: Context) -> ClauseResult:
     G = ctx.windows.G
     findings: list[Finding] = []
     judged = 0
-    for sv in ctx.qp_stages:
+    for sv in ctx.qp_stages_all:
         for st, (a, life_end) in zip(sv.starts, sv.lives):
             deadline = a + G
             crashed = life_end < min(deadline, ctx.teardown, ctx.end) and bool(sv.exits)
@@ -141,7 +144,7 @@ def check_first_pinned(ctx: Context) -> ClauseResult:
                     f"Stage {sv.name} started consuming at {ctx.rel(a)} ({_busy_with(ctx, sv, a, b)}) but held "
                     f"no consumer on its first queue {q0} within W = {W:g} s.",
                     sv.name, [q0], a, min(b, a + W), _cons_events(sv, q0, a, b)))
-    return _result("QP-FIRST-PINNED", findings, judged, "first-queue consumers followed")
+    return _result("QP-FIRST-PINNED", findings, judged, "first-queue consumers followed", ctx)
 
 
 # ------------------------------------------------------------------ QP-ONE-LOWER
@@ -186,7 +189,7 @@ def check_one_lower(ctx: Context) -> ClauseResult:
                             sv.name, qs, since, t,
                             [e for qq in qs for e in _cons_events(sv, qq, since, t, 2)]))
                     since = None
-    return _result("QP-ONE-LOWER", findings, judged, "lower-queue consumers observed")
+    return _result("QP-ONE-LOWER", findings, judged, "lower-queue consumers observed", ctx)
 
 
 # ------------------------------------------------------------------ QP-PRECEDENCE
@@ -218,7 +221,7 @@ def check_precedence(ctx: Context) -> ClauseResult:
                     f"Stage {sv.name} kept consuming lower queue {qi} for {b - a:.1f} s ({ctx.span(a, b)}) while "
                     f"higher {_queues(hq)} had ready messages throughout (W = {W:g} s).",
                     sv.name, [qi] + hq, a + W, b, _cons_events(sv, qi, a, b)))
-    return _result("QP-PRECEDENCE", findings, judged, "windows of higher-queue work judged")
+    return _result("QP-PRECEDENCE", findings, judged, "windows of higher-queue work judged", ctx)
 
 
 # ------------------------------------------------------------------ QP-CANCEL-WINDOW
@@ -288,7 +291,7 @@ def latency_metrics(latencies: list[float]) -> dict:
 
 def check_cancel_window(ctx: Context) -> ClauseResult:
     latencies, findings = cancel_latencies(ctx)
-    res = _result("QP-CANCEL-WINDOW", findings, len(latencies), "switches observed",
+    res = _result("QP-CANCEL-WINDOW", findings, len(latencies), "switches observed", ctx,
                   **{"latency_s": latency_metrics(latencies)})
     if findings and not latencies:
         res.exercised = f"0 switches observed, {len(findings)} missed"
@@ -340,7 +343,7 @@ def check_progress(ctx: Context) -> ClauseResult:
                     f"Stage {sv.name} left {qi} with ready messages for {b - a:.1f} s ({ctx.span(a, b)}) although "
                     f"{above}; it was consuming {busy}.",
                     sv.name, [qi], a + W, b, _cons_events(sv, qi, a - W, b)))
-    return _result("QP-PROGRESS", findings, judged, "windows with allowed work judged")
+    return _result("QP-PROGRESS", findings, judged, "windows with allowed work judged", ctx)
 
 
 # ------------------------------------------------------------------ QP-DRAIN-ORDER
@@ -403,7 +406,7 @@ def check_drain_order(ctx: Context) -> ClauseResult:
                     f"Stage {sv.name} received a message from {q} at {ctx.rel(ev['t'])} after it had already "
                     f"started on lower queue {pq[m]}: {q} was not drained first.",
                     sv.name, [q, pq[m]], ev["t"], ev["t"] + 0.5, [ev]))
-    res = _result("QP-DRAIN-ORDER", findings, judged, "queue boundaries crossed")
+    res = _result("QP-DRAIN-ORDER", findings, judged, "queue boundaries crossed", ctx)
     if skipped:
         res.exercised += f" ({skipped} stage(s) skipped: published to after start)"
     return res

@@ -310,3 +310,13 @@ def test_progress_trickle_into_higher_lower_queue_is_served_work():
         hb.deliver(3 + 2 * k, "q1", "worker")
     end(hb, 40)
     assert judge(hb, "QP-PROGRESS").outcome == "passed"
+
+
+def test_unattributed_consumers_make_a_stage_unjudged_not_guilty():
+    # the observer could not tell whose consumers these are: no FIRST-PINNED/PROGRESS alarm for "worker"
+    hb = HB().stage(0, "worker").levels(0, 60, {"q0": [(0, 0)], "q1": [(0, 30)], "q2": [(0, 0)]})
+    hb.ev(1, "consumer_created", stage=None, queue="q0", tag="x", chan="c", prefetch=1)
+    end(hb, 60)
+    for clause in ("QP-FIRST-PINNED", "QP-PROGRESS"):
+        r = judge(hb, clause)
+        assert r.outcome == "not_exercised" and "worker not judged" in r.exercised
