@@ -39,8 +39,24 @@ def _clip(xs, until):
 
 
 def _cons_events(sv, queue, a, b, limit=6):
-    return [{"type": "consumer", "stage": sv.name, "queue": c.queue, "start": c.start, "end": c.end, "end_reason": c.reason}
-            for c in sv.consumers if c.queue == queue and c.start < b and c.end > a][:limit]
+    """The stage's consumers on ``queue`` overlapping [a, b], as evidence (indexed: cheap per finding)."""
+    index = sv.__dict__.setdefault("_by_queue", {})
+    if queue not in index:
+        cs = [c for c in sv.consumers if c.queue == queue]
+        index[queue] = (cs, [c.start for c in cs])
+    cs, starts = index[queue]
+    out = []
+    k = bisect.bisect_left(starts, b) - 1
+    while k >= 0 and len(out) < 50:
+        c = cs[k]
+        if c.end > a:
+            out.append(c)
+        elif len(out) or starts[k] < a - 3600:
+            break
+        k -= 1
+    out.reverse()
+    return [{"type": "consumer", "stage": sv.name, "queue": c.queue, "start": c.start, "end": c.end,
+             "end_reason": c.reason} for c in out[:limit]]
 
 
 def _busy_with(ctx: Context, sv, a: float, b: float) -> str:
