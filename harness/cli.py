@@ -4,6 +4,7 @@
     python -m harness check history.jsonl --scenario scenario.yaml [--check-period S] [--tolerance S]
                             [--grace S] [--clauses QP-PRECEDENCE,RT] [--timeline out.png] [--json]
     python -m harness schema
+    python -m harness clauses [--rules]
 
 Exit status: 0 all good, 1 a clause failed (findings printed, clause id first), 2 a file could
 not be used (the message names the file, the field and the reason; never a traceback).
@@ -16,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from harness.checkers import check_all, lint, select, windows_for
+from harness.checkers import CLAUSES, check_all, lint, rules, select, windows_for
 from harness.checkers.model import Windows
 from harness.history import History, HistoryError
 from harness.report import format_failure, format_summary, render_timeline
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--timeline", type=Path, help="also write the timeline PNG here")
     cp.add_argument("--json", action="store_true", help="print the results as JSON instead of text")
     sub.add_parser("schema", help="print the scenario JSON Schema")
+    rp = sub.add_parser("clauses", help="list the clause ids (with --rules: the exact rule each checker applies)")
+    rp.add_argument("--rules", action="store_true")
     return p
 
 
@@ -127,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         return _lint(args.scenarios)
     if args.command == "check":
         return _check(args)
+    if args.command == "clauses":
+        texts = rules() if args.rules else {}
+        for cid, title in CLAUSES:
+            print(f"{cid:<17} {title}")
+            if args.rules:
+                print("\n".join("    " + line for line in texts[cid].splitlines()) + "\n")
+        return EXIT_OK
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return EXIT_OK

@@ -112,3 +112,11 @@ def test_check_uses_windows_recorded_in_the_history(tmp_path):
     assert "W = 1.5 s, G = 10 s" in out and rc == 1
     rc, out, _ = run("check", hist, "--clauses", "QP-CANCEL-WINDOW", "--check-period", "5", "--tolerance", "1")
     assert "W = 6 s" in out and rc == 0
+
+
+def test_clauses_lists_every_clause_with_its_rule():
+    rc, out, _ = run("clauses", "--rules")
+    assert rc == 0
+    for cid in ("QP-DECLARE", "QP-PROGRESS", "RT-ROUTABLE", "DL-EXACTLY-ONCE", "CF-ALIGN", "FT-RECONNECT"):
+        assert f"\n{cid} " in "\n" + out
+    assert "Rule:" in out

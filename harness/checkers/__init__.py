@@ -68,6 +68,21 @@ def windows_for(scenario, base: Windows | None = None) -> Windows:
                    ch.grace if ch.grace is not None else base.grace)
 
 
+def rules() -> dict[str, str]:
+    """Each clause id -> the exact rule its checker implements (its function's docstring)."""
+    import inspect
+    out = {}
+    for cid in CLAUSE_IDS:
+        fn = HISTORY_CHECKS.get(cid) or STATIC_CHECKS.get(cid)
+        doc = inspect.getdoc(fn) or ""
+        if cid == "QP-CANCEL-WINDOW":
+            doc = inspect.getdoc(qp.cancel_latencies) or doc
+        if cid == "DL-EXACTLY-ONCE":
+            doc = inspect.getdoc(dl.tally) or doc
+        out[cid] = doc
+    return out
+
+
 def lint(scenario) -> list[ClauseResult]:
     """CF-* only: needs no history and no broker."""
     return cf.lint(scenario)
@@ -94,4 +109,4 @@ def check_all(history, scenario=None, windows: Windows | None = None,
 
 
 __all__ = ["CLAUSES", "CLAUSE_IDS", "TITLES", "ClauseResult", "Context", "Finding", "Windows", "build_context",
-           "check_all", "lint", "select", "windows_for"]
+           "check_all", "lint", "rules", "select", "windows_for"]

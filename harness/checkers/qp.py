@@ -243,7 +243,7 @@ def check_precedence(ctx: Context) -> ClauseResult:
 # ------------------------------------------------------------------ QP-CANCEL-WINDOW
 
 def cancel_latencies(ctx: Context):
-    """(latencies, findings). For each consumer of a stage on a lower queue qi and each run h of
+    """Returns (latencies, findings). Rule: for each consumer of a stage on a lower queue qi and each run h of
     higher-queue work (union of q0..q(i-1) observed non-empty) overlapping it, trigger T = max(h.start,
     consumer.start):
     - the stage cancelled while h lasted (up to 0.5 s after its last positive sample): a switch with
