@@ -46,8 +46,18 @@ class ManagementClient:
     def _url(self, *parts: str) -> str:
         return self.base_url + "/api/" + "/".join(quote(p, safe="") for p in parts)
 
-    def _call(self, method: str, *parts: str, ok=(200, 201, 204), **kwargs) -> requests.Response:
-        response = self.session.request(method, self._url(*parts), timeout=30, **kwargs)
+    def _call(self, method: str, *parts: str, ok=(200, 201, 204), attempts: int = 3, **kwargs) -> requests.Response:
+        # Every call the harness makes is idempotent (GET, PUT, DELETE), so a dropped keep-alive
+        # connection or a slow answer on a loaded machine is simply tried again.
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self.session.request(method, self._url(*parts), timeout=30, **kwargs)
+                break
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if attempt == attempts:
+                    raise BrokerError(f"management API {method} {'/'.join(parts)} at {self.base_url}: "
+                                      f"no answer after {attempts} attempts ({type(exc).__name__})") from None
+                time.sleep(0.5 * attempt)
         if response.status_code not in ok:
             raise BrokerError(f"management API {method} {'/'.join(parts)}: HTTP {response.status_code} {response.text[:300]}")
         return response

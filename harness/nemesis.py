@@ -16,6 +16,7 @@ import pika
 from harness.broker import Broker
 from harness.history import HistoryWriter
 from harness.flood import poison_body
+from harness.messages import encode_body
 from harness.scenario import Fault
 
 
@@ -37,6 +38,9 @@ class Nemesis:
         # Stage instances a fault stopped on purpose: their exit is no error.
         self.expected_exits: set[str] = set()
         self.deleted_queues: set[str] = set()
+        self.aborted_scans: set[str] = set()
+        # Set by the runner: the latest planned scan of a client (a workload.PlannedScan), or None.
+        self.latest_scan: Callable[[str], object | None] = lambda client: None
 
     def tick(self, elapsed: float) -> None:
         for index, fault in list(self.pending):
@@ -99,3 +103,16 @@ class Nemesis:
             channel.confirm_delivery()
             for _ in range(count):
                 channel.basic_publish("", fault.target, body, properties)
+
+    def _abort_scan(self, fault: Fault) -> None:
+        scan = self.latest_scan(fault.target)
+        if scan is None:
+            raise NemesisError(f"abort_scan: client {fault.target!r} has no scan planned yet")
+        self.aborted_scans.add(scan.scan)
+        command = {"abort": scan.spec["scan_tag"], "log_level": None, "profiling": None}
+        properties = pika.BasicProperties(priority=10, delivery_mode=2, content_encoding="gzip")
+        with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
+            channel = connection.channel()
+            channel.exchange_declare("broadcast", "fanout", durable=True)
+            channel.confirm_delivery()
+            channel.basic_publish("broadcast", "", encode_body(command), properties)

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.broker import Broker
+from harness.broker import Broker, BrokerError
 from harness.checkers import CLAUSE_IDS, check_all
 from harness.checkers.model import ClauseResult, Windows
-from harness.flood import Flood, progress_line
+from harness.flood import Flood, FloodError, progress_line
 from harness.history import HISTORY_VERSION, History, HistoryWriter
 from harness.nemesis import Nemesis, NemesisError
-from harness.observer import Observer
+from harness.observer import Observer, ObserverError
 from harness.scenario import Phase, Scenario
-from harness.stages import StageExited, StageLauncher
+from harness.stages import StageExited, StageLauncher, StageStartError
 from harness.workload import Workload
 
 Progress = Callable[[str], None]
@@ -116,6 +116,7 @@ class ScenarioRun:
         self.history = HistoryWriter(report_dir / "history.jsonl")
         self.expected: set[tuple[str, str]] = set()
         self.queue_of: dict[tuple[str, str], str] = {}  # planned object -> its conversion queue
+        self.planned: list = []  # workload.PlannedScan, in publishing order
         self.problems: list[str] = []
         self.publish_errors: list[BaseException] = []
         self._publishers: list[threading.Thread] = []
@@ -131,6 +132,8 @@ class ScenarioRun:
         launcher = StageLauncher(self.engine.command, self.engine.env, self.broker, self.vhost,
                                  self.report_dir, self.history, observer)
         nemesis = Nemesis(scenario.faults, self.broker, self.vhost, self.history, launcher, observer, self.say)
+        nemesis.latest_scan = lambda client: next(
+            (scan for scan in reversed(self.planned) if scan.client == client), None)
         reason = "error"
         try:
             observer.start()
@@ -149,6 +152,10 @@ class ScenarioRun:
             reason = ended.reason
             self.problems.append(ended.problem)
             self.say(ended.problem.splitlines()[0])
+        except (StageStartError, ObserverError, FloodError, BrokerError) as exc:
+            # The harness could not do its part (bad engine command, broker unreachable): say so plainly.
+            self.problems.append(f"{type(exc).__name__}: {exc}")
+            self.say(self.problems[-1].splitlines()[0])
         finally:
             self.history.record("phase", name="teardown")
             if self.flood is not None:
@@ -209,7 +216,7 @@ class ScenarioRun:
                 self._start_stages(launcher, observer, later)
                 later_started = True
             done = counter.update()
-            wanted = self._still_expected(counter.seen, nemesis.deleted_queues)
+            wanted = self._still_expected(counter.seen, nemesis)
             if not flooding and later_started and not nemesis.pending and done >= wanted:
                 self.say(f"all {wanted} objects have a result")
                 self._settle(launcher)
@@ -236,11 +243,13 @@ class ScenarioRun:
                 silent.append(process.name)
         return sorted(silent)
 
-    def _still_expected(self, seen: set[tuple[str, str]], deleted: set[str]) -> int:
-        """Objects that can still get a result: those whose queue a fault deleted are gone unless answered."""
-        if not deleted:
+    def _still_expected(self, seen: set[tuple[str, str]], nemesis: Nemesis) -> int:
+        """Objects that can still get a result: not those in a queue a fault deleted or of an aborted scan."""
+        deleted, aborted = nemesis.deleted_queues, nemesis.aborted_scans
+        if not deleted and not aborted:
             return len(self.expected)
-        return sum(1 for key in self.expected if self.queue_of[key] not in deleted or key in seen)
+        return sum(1 for key in self.expected
+                   if key in seen or (self.queue_of[key] not in deleted and key[0] not in aborted))
 
     def _settle(self, launcher: StageLauncher) -> None:
         # A short look after the last result, so duplicates and late cancels are seen.
@@ -260,6 +269,7 @@ class ScenarioRun:
         planned = self.workload.plan(index)
         messages: list[tuple[str, Any]] = []
         for scan in planned:
+            self.planned.append(scan)
             self.history.record("scan_planned", **scan.as_event())
             for obj in scan.objects:
                 self.expected.add((scan.scan, obj))

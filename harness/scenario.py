@@ -37,6 +37,9 @@ FAULT_KINDS: dict[str, tuple[str | None, dict[str, str]]] = {
     "restart_broker": (None, {"seconds": "seconds"}),
     "pause_stage": ("stage", {"seconds": "seconds"}),
     "poison": ("queue", {"shape": "shape", "count": "count"}),
+    # Not a fault of the engine: the admin aborts the client's latest scan through the
+    # broadcast exchange, so that command handling (RT-BROADCAST) is exercised.
+    "abort_scan": ("client", {}),
 }
 POISON_SHAPES = ("not_json", "missing_fields")
 
@@ -167,10 +170,12 @@ class Fault(Strict):
     kinds (FAULT_KINDS): delete_queue (target queue), close_connection (target stage),
     kill_stage (target stage; params restart: bool), restart_broker (no target; params
     seconds: down time), pause_stage (target stage; params seconds), poison (target queue;
-    params shape: not_json|missing_fields, count: int >= 1).
+    params shape: not_json|missing_fields, count: int >= 1), abort_scan (target client: the
+    admin aborts that client's latest scan with a command on the broadcast exchange).
     """
 
-    kind: Literal["delete_queue", "close_connection", "kill_stage", "restart_broker", "pause_stage", "poison"]
+    kind: Literal["delete_queue", "close_connection", "kill_stage", "restart_broker", "pause_stage", "poison",
+                  "abort_scan"]
     at: Seconds = 0.0
     when: Trigger | None = None
     target: Annotated[str, Field(min_length=1)] | None = None
@@ -263,6 +268,8 @@ class Scenario(Strict):
             wants = FAULT_KINDS[fault.kind][0]
             if wants == "stage" and fault.target is not None and not _is_stage(fault.target, instances):
                 problems.append(f"@{where}.target: unknown stage {fault.target!r}{_known(fault.target, stages)}")
+            if wants == "client" and fault.target is not None and fault.target not in clients:
+                problems.append(f"@{where}.target: unknown client {fault.target!r}{_known(fault.target, clients)}")
             if wants == "queue" and fault.target is not None and fault.target not in queues:
                 problems.append(f"@{where}.target: {fault.target!r} is not a queue of this scenario"
                                 f"{_known(fault.target, sorted(queues))}")
