@@ -119,8 +119,10 @@ class QueueLevels:
     zero: dict[str, list[Interval]] = field(default_factory=dict)  # observed ready == 0 or queue missing
     observed: set[str] = field(default_factory=set)
     # existence change points per queue: sorted times and the state from then on
-    exist_t: dict[str, list[float]] = field(default_factory=dict)
+    exist_t: dict[str, list[float]] = field(default_factory=dict)   # from queue_created/queue_deleted
     exist_v: dict[str, list[bool]] = field(default_factory=dict)
+    sample_t: dict[str, list[float]] = field(default_factory=dict)  # from sampled counts (null = missing)
+    sample_v: dict[str, list[bool]] = field(default_factory=dict)
 
     def exists_at(self, queue: str, t: float) -> bool | None:
         """True/False when known, None when the history says nothing about the queue.
@@ -128,16 +130,26 @@ class QueueLevels:
         return self.exists_within(queue, t, t + CREATE_SLACK)
 
     def exists_within(self, queue: str, a: float, b: float) -> bool | None:
-        """Did the queue exist at some instant of [a, b]? None when nothing is known about it."""
-        times = self.exist_t.get(queue)
-        if not times:
-            return None
-        vals = self.exist_v[queue]
-        i = bisect.bisect_right(times, a) - 1
-        if i >= 0 and vals[i]:
+        """Did the queue exist at some instant of [a, b]? None when nothing is known about it.
+        The broker's queue events and the sampler's counts are two witnesses; either one seeing the
+        queue is enough (a sampler that has not yet re-probed a new queue still reports it missing)."""
+        ev = _state_within(self.exist_t.get(queue), self.exist_v.get(queue), a, b)
+        sm = _state_within(self.sample_t.get(queue), self.sample_v.get(queue), a, b)
+        if ev or sm:
             return True
-        j = bisect.bisect_right(times, b)
-        return any(vals[k] for k in range(i + 1, j))
+        if ev is None and sm is None:
+            return None
+        return False
+
+
+def _state_within(times, vals, a: float, b: float) -> bool | None:
+    if not times:
+        return None
+    i = bisect.bisect_right(times, a) - 1
+    if i >= 0 and vals[i]:
+        return True
+    j = bisect.bisect_right(times, b)
+    return any(vals[k] for k in range(i + 1, j))
 
 
 def build_levels(history, end: float) -> QueueLevels:
@@ -172,12 +184,13 @@ def build_levels(history, end: float) -> QueueLevels:
         lv.pos[q] = [iv for iv in lv.pos[q] if iv[1] > iv[0]]
     for q in list(lv.zero):
         lv.zero[q] = [iv for iv in lv.zero[q] if iv[1] > iv[0]]
-    for ev in history.of("queue_created"):
-        changes.append((ev["t"], order, ev.get("queue"), True)); order += 1
-    for ev in history.of("queue_deleted"):
-        changes.append((ev["t"], order, ev.get("queue"), False)); order += 1
-    changes.sort()
-    for t, _, q, ex in changes:
+    for t, _, q, ex in changes:  # samples come in time order
+        lv.sample_t.setdefault(q, []).append(t)
+        lv.sample_v.setdefault(q, []).append(ex)
+    events = [(ev["t"], k, ev.get("queue"), True) for k, ev in enumerate(history.of("queue_created"))]
+    events += [(ev["t"], k, ev.get("queue"), False) for k, ev in enumerate(history.of("queue_deleted"))]
+    events.sort()
+    for t, _, q, ex in events:
         lv.exist_t.setdefault(q, []).append(t)
         lv.exist_v.setdefault(q, []).append(ex)
     return lv

@@ -177,3 +177,10 @@ def test_fault_deleted_queue_excuses_unroutable_and_lost():
     assert r.outcome == "passed" and "1 to a queue a fault deleted, excused" in r.exercised
     r = judge(hb, "DL-EXACTLY-ONCE")
     assert r.outcome == "passed" and r.metrics["dropped_by_fault"] == 1
+
+
+def test_routable_trusts_queue_created_over_a_stale_missing_sample():
+    # the sampler re-probes a missing queue only now and then: its null at 1.05 s is stale
+    hb = HB().levels(0, 0.9, {"q5": [(0, None)]}, dt=0.3).queue(1.0, "q5")
+    hb.ev(1.05, "sample", ready={"q5": None}).publish(1.1, "q5").ev(2.0, "sample", ready={"q5": 0})
+    assert judge(hb, "RT-ROUTABLE").outcome == "passed"
