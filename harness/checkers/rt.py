@@ -16,6 +16,13 @@ def _who(ev) -> str:
     return ev.get("stage") or "an unattributed connection"
 
 
+def _publisher(ev) -> str:
+    stage = ev.get("stage")
+    if stage == "harness":
+        return "The harness"
+    return f"Stage {stage}" if stage else "An unattributed connection"
+
+
 def _poisoned_queues(ctx: Context) -> set[str]:
     return {f.get("target") for f in ctx.history.of("fault") if fault_family(f.get("kind")) == "poison"}
 
@@ -144,7 +151,7 @@ def check_routable(ctx: Context) -> ClauseResult:
         target = f"routing key {rk}" if ex == "" else f"exchange {ex!r}"
         f = Finding(
             "RT-ROUTABLE",
-            f"{ev.get('stage') or 'An unattributed connection'} published a {typ} to "
+            f"{_publisher(ev)} published a {typ} to "
             f"{target} at {ctx.rel(ev['t'])} but no queue received it (no such queue existed then).",
             ev.get("stage"), [rk] if rk else [], ev["t"], ev["t"] + 0.5, [{"count": 1, **ev}])
         seen[key] = f

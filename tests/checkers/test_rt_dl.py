@@ -80,7 +80,7 @@ def test_routable_fails_on_missing_queue():
     hb = queues(HB(), "q0").publish(1, "q0").publish(2, "conversions_typo").publish(3, "conversions_typo")
     r = judge(hb, "RT-ROUTABLE")
     assert r.outcome == "failed" and len(r.findings) == 1
-    assert r.findings[0].explanation == ("explorer published a ConversionMessage to routing key conversions_typo at "
+    assert r.findings[0].explanation == ("Stage explorer published a ConversionMessage to routing key conversions_typo at "
                                          "+2.0 s but no queue received it (no such queue existed then); 2 such "
                                          "publishes until +3.0 s.")
 
