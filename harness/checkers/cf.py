@@ -17,26 +17,33 @@ def readable(stage) -> set[str]:
 
 def check_align(scenario) -> ClauseResult:
     """Rule: every queue named by a client's explorer fields is read by at least one explorer stage,
-    every queue named by its conversion fields by at least one worker stage."""
+    every queue named by its conversion fields by at least one worker stage (a stage reads its
+    QUEUE_PRIORITY plus its kind's default queue). A scenario with no stage of a kind (e.g. a worker-only
+    scenario fed with conversions) does not judge that kind's fields."""
     findings = []
     n = 0
     by_kind = {k: set().union(*[readable(s) for s in scenario.stages if s.kind == k] or [set()])
                for k in ("explorer", "worker")}
+    absent = [k for k in ("explorer", "worker") if not any(s.kind == k for s in scenario.stages)]
     for ci, client in enumerate(scenario.clients):
         for kind, fields in (("explorer", EXPLORER_FIELDS), ("worker", CONVERSION_FIELDS)):
+            if kind in absent:
+                continue  # that half of the pipeline is not part of this scenario
             for f in fields:
                 n += 1
                 q = getattr(client, f)
                 if q not in by_kind[kind]:
                     names = [s.name for s in scenario.stages if s.kind == kind]
-                    who = f"any of its {kind} stages ({', '.join(names)})" if names else f"any {kind} (the scenario has none)"
+                    who = f"any of its {kind} stages ({', '.join(names)})"
                     findings.append(Finding(
                         "CF-ALIGN",
                         f"Client {client.name}'s {f} is {q}, which is not in the QUEUE_PRIORITY (or default queue) "
                         f"of {who}: its messages would never be consumed.",
                         None, [q], None, None, [{"field": f"clients.{ci}.{f}", "value": q}]))
-    return ClauseResult("CF-ALIGN", "failed" if findings else ("passed" if n else "not_exercised"),
-                        f"{n} client queue fields checked", findings)
+    text = f"{n} client queue fields checked"
+    if absent:
+        text += f" (no {' or '.join(absent)} stage: its fields not judged)"
+    return ClauseResult("CF-ALIGN", "failed" if findings else ("passed" if n else "not_exercised"), text, findings)
 
 
 def check_no_dup(scenario) -> ClauseResult:
