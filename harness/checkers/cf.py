@@ -34,7 +34,7 @@ def check_align(scenario) -> ClauseResult:
                 q = getattr(client, f)
                 if q not in by_kind[kind]:
                     names = [s.name for s in scenario.stages if s.kind == kind]
-                    who = f"any of its {kind} stages ({', '.join(names)})"
+                    who = f"any {kind} stage ({', '.join(names)})"
                     findings.append(Finding(
                         "CF-ALIGN",
                         f"Client {client.name}'s {f} is {q}, which is not in the QUEUE_PRIORITY (or default queue) "

@@ -35,7 +35,7 @@ def test_cf_align_fails_on_unread_queue():
     assert r.outcome == "failed"
     assert r.findings[0].explanation == (
         "Client a's conversion_full_queue is conversions_full_vejstrand, which is not in the QUEUE_PRIORITY (or "
-        "default queue) of any of its worker stages (w): its messages would never be consumed.")
+        "default queue) of any worker stage (w): its messages would never be consumed.")
     assert r.findings[0].evidence[0]["field"] == "clients.0.conversion_full_queue"
 
 
