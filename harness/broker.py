@@ -101,8 +101,10 @@ class ManagementClient:
             return self._call("GET", "connections").json()
         return self._call("GET", "vhosts", vhost, "connections").json()
 
-    def close_connection(self, name: str, reason: str = "closed by qp-harness") -> None:
-        self._call("DELETE", "connections", name, headers={"X-Reason": reason}, ok=(200, 204, 404))
+    def close_connection(self, name: str, reason: str = "closed by qp-harness") -> bool:
+        """Close a connection by name; False when the API does not know it (yet, or any more)."""
+        response = self._call("DELETE", "connections", name, headers={"X-Reason": reason}, ok=(200, 204, 404))
+        return response.status_code != 404
 
 
 @dataclass
@@ -293,6 +295,9 @@ class LocalBroker:
                 f"default_user = {user}\ndefault_pass = {password}\n"
                 "default_user_tags.administrator = true\n"
                 "default_vhost = /\nloopback_users = none\n"
+                # Connections reach the management API's view (and can be closed through it)
+                # after one statistics interval: 0.5 s instead of the default 5 s.
+                "collect_statistics_interval = 500\n"
                 "log.console = true\nlog.console.level = info\nlog.file = false\n"
                 + self.extra_config + ("\n" if self.extra_config else "")
             )

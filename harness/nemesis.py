@@ -20,6 +20,9 @@ from harness.messages import encode_body
 from harness.scenario import Fault
 
 
+CLOSE_DEADLINE = 15.0  # seconds to get a connection closed through the management API
+
+
 class NemesisError(RuntimeError):
     """A fault could not be applied (no such stage, no connection to close, ...)."""
 
@@ -38,11 +41,19 @@ class Nemesis:
         # Stage instances a fault stopped on purpose: their exit is no error.
         self.expected_exits: set[str] = set()
         self.deleted_queues: set[str] = set()
+        self.errors: list[str] = []  # from faults applied in the background
         self.aborted_scans: set[str] = set()
         # Set by the runner: the latest planned scan of a client (a workload.PlannedScan), or None.
         self.latest_scan: Callable[[str], object | None] = lambda client: None
 
+    @property
+    def busy(self) -> bool:
+        """A fault is still being applied in the background."""
+        return any(t.is_alive() for t in self.threads)
+
     def tick(self, elapsed: float) -> None:
+        if self.errors:
+            raise NemesisError(self.errors[0])
         for index, fault in list(self.pending):
             if self._due(fault, elapsed):
                 self.pending.remove((index, fault))
@@ -73,8 +84,24 @@ class Nemesis:
         names = self.observer.connections_of(fault.target)
         if not names:
             raise NemesisError(f"close_connection: stage {fault.target!r} has no open connection")
-        for name in names:
-            self.broker.management.close_connection(name, "qp-harness fault: close_connection")
+        # The management API learns of a connection one statistics interval after it opens,
+        # and answers 404 until then: keep asking, off the runner's thread.
+        def close() -> None:
+            deadline = time.monotonic() + CLOSE_DEADLINE
+            pending = set(names)
+            while pending and time.monotonic() < deadline:
+                for name in list(pending):
+                    if self.broker.management.close_connection(name, "qp-harness fault: close_connection"):
+                        pending.discard(name)
+                if pending:
+                    time.sleep(0.25)
+            if pending:
+                self.errors.append(f"close_connection: the management API never knew connection(s) "
+                                   f"{', '.join(sorted(pending))} of stage {fault.target} within {CLOSE_DEADLINE:g} s")
+
+        thread = threading.Thread(target=close, daemon=True, name="nemesis-close")
+        self.threads.append(thread)
+        thread.start()
 
     def _kill_stage(self, fault: Fault) -> None:
         self.expected_exits.add(fault.target)
@@ -109,6 +136,7 @@ class Nemesis:
         if scan is None:
             raise NemesisError(f"abort_scan: client {fault.target!r} has no scan planned yet")
         self.aborted_scans.add(scan.scan)
+        self.history.record("phase", name="scan_aborted", scan=scan.scan, client=fault.target)
         command = {"abort": scan.spec["scan_tag"], "log_level": None, "profiling": None}
         properties = pika.BasicProperties(priority=10, delivery_mode=2, content_encoding="gzip")
         with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:

@@ -217,7 +217,7 @@ class ScenarioRun:
                 later_started = True
             done = counter.update()
             wanted = self._still_expected(counter.seen, nemesis)
-            if not flooding and later_started and not nemesis.pending and done >= wanted:
+            if not flooding and later_started and not (nemesis.pending or nemesis.busy) and done >= wanted:
                 self.say(f"all {wanted} objects have a result")
                 self._settle(launcher)
                 return "complete"

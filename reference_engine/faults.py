@@ -45,7 +45,9 @@ _ALL = [
           may_also=("QP-CANCEL-WINDOW",)),
     Fault("no_move_down", ("QP-PROGRESS",),
           "Once a lower queue is consumed the stage stays on it when it empties, instead of "
-          "moving down to the next non-empty lower queue (it still moves up)."),
+          "moving down to the next non-empty lower queue (it still moves up).",
+          # The stranded work never gets a result before the time limit.
+          may_also=("DL-EXACTLY-ONCE",)),
     Fault("reverse_priority", ("QP-PRECEDENCE", "QP-DRAIN-ORDER"),
           "The lower queues are ranked in reverse order (the last one in QUEUE_PRIORITY is "
           "preferred); the first queue stays first.",
@@ -58,7 +60,7 @@ _ALL = [
     Fault("no_declare", ("QP-DECLARE",),
           "The QUEUE_PRIORITY queues are not declared; the stage only consumes the ones that "
           "somebody else created.",
-          may_also=("QP-PROGRESS", "RT-ROUTABLE", "DL-EXACTLY-ONCE")),
+          may_also=("QP-FIRST-PINNED", "QP-PROGRESS", "RT-ROUTABLE", "DL-EXACTLY-ONCE")),
     Fault("ignore_conversion_queue", ("RT-TENANT",),
           "The explorer publishes every conversion to os2ds_conversions, ignoring the scan "
           "spec's conversion_queue.", stages=("explorer",),
@@ -81,14 +83,14 @@ _ALL = [
           "was lost are published again (duplicated results)."),
     Fault("crash_on_poison", ("FT-POISON",),
           "A message that cannot be parsed crashes the stage (exit code 3); it goes back to "
-          "its queue unacked.", may_also=("QP-PROGRESS",)),
+          "its queue unacked.", may_also=("QP-PROGRESS", "DL-EXACTLY-ONCE")),
     Fault("requeue_poison", ("FT-POISON",),
           "A message that cannot be parsed is rejected WITH requeue and no problem is "
           "reported, so it is redelivered forever.", may_also=("QP-PROGRESS",)),
     Fault("die_on_queue_gone", ("FT-QUEUE-GONE",),
           "When one of its queues disappears (consumer cancelled by the broker, or a passive "
           "declare answers 404) the stage exits with code 4.",
-          may_also=("QP-FIRST-PINNED", "QP-PROGRESS")),
+          may_also=("QP-FIRST-PINNED", "QP-PROGRESS", "DL-EXACTLY-ONCE")),
     Fault("no_reconnect", ("FT-RECONNECT",),
           "When the broker closes the connection the stage exits with code 5 instead of "
           "reconnecting.", may_also=("QP-FIRST-PINNED", "QP-PROGRESS", "DL-EXACTLY-ONCE")),

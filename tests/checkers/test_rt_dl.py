@@ -147,9 +147,23 @@ def test_exactly_once_reports_duplicates_and_unexpected():
                      "1 results are for objects no scan planned: zzz (s1)."]
 
 
-def test_exactly_once_allows_duplicates_when_asked():
+def test_exactly_once_allows_duplicates_after_a_redelivery_when_asked():
+    hb = results("a", "b", "c", "c").deliver(3.5, "conv_full", "worker", redelivered=True, scan="s1", object="c")
+    r = judge(hb, "DL-EXACTLY-ONCE", scenario(allow_duplicates=True))
+    assert r.outcome == "passed" and "1 duplicated after a redelivery, allowed" in r.exercised
+
+
+def test_exactly_once_duplicate_without_redelivery_fails_even_when_duplicates_are_allowed():
+    # A result published twice for a conversion handed out once is a bug in any scenario.
     r = judge(results("a", "b", "c", "c"), "DL-EXACTLY-ONCE", scenario(allow_duplicates=True))
-    assert r.outcome == "passed" and "1 duplicated, allowed" in r.exercised
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation.startswith("1 objects produced more than one result")
+
+
+def test_exactly_once_excuses_missing_results_of_an_aborted_scan_only():
+    hb = results("a").ev(2.5, "phase", name="scan_aborted", scan="s1", client="a")
+    r = judge(hb, "DL-EXACTLY-ONCE")
+    assert r.outcome == "passed" and "1 aborted scan(s)" in r.exercised
 
 
 def test_exactly_once_problem_is_not_lost():
