@@ -10,6 +10,7 @@ process dies.
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -82,6 +83,9 @@ def provider_settings(config: pytest.Config) -> ProviderSettings:
 
 def pytest_configure(config: pytest.Config) -> None:
     provider_settings(config)  # a bad ini value is a usage error at start, not a fixture error later
+    # pika's transport layer logs every lost or refused connection with a stack trace (thousands of
+    # lines once a broker dies mid-test); the harness reports lost connections itself, in one line.
+    logging.getLogger("pika.adapters").setLevel(logging.CRITICAL)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -159,17 +163,36 @@ def vhost_factory(broker: Broker) -> Iterator[Callable[..., Vhost]]:
             broker.management.delete_vhost(name)
 
 
+def broker_gone(broker: Broker) -> str | None:
+    """Why the session's broker is unusable, when we can tell: its local server process has ended."""
+    if broker.process_groups and not watchdog.group_members(broker.process_groups[0]):
+        return (f"the session's local broker (rabbitmq-server, process group {broker.process_groups[0]}) "
+                f"is no longer running")
+    return None
+
+
 @pytest.fixture
 def vhost(broker: Broker) -> Iterator[Vhost]:
     """A fresh vhost for this test, firehose tracer on; deleted (consumers and all) at teardown."""
+    gone = broker_gone(broker)
+    if gone:
+        pytest.fail(f"qp-harness: {gone}; this and every later test of the session that needs it fails",
+                    pytrace=False)
     began = time.monotonic()
-    name = _create_vhost(broker)
+    try:
+        name = _create_vhost(broker)
+    except BrokerError as error:
+        pytest.fail(f"qp-harness: cannot create this test's vhost: {error}", pytrace=False)
     cost = time.monotonic() - began
     try:
         yield Vhost(name, broker)
     finally:
         began = time.monotonic()
-        broker.management.delete_vhost(name)
+        if broker_gone(broker) is None:  # a broker that died took its vhosts with it
+            try:
+                broker.management.delete_vhost(name)
+            except BrokerError as error:
+                pytest.fail(f"qp-harness: cannot delete this test's vhost {name}: {error}", pytrace=False)
         STATS.count += 1
         STATS.seconds += cost + time.monotonic() - began
 

@@ -51,6 +51,8 @@ HARNESS = "harness"
 
 # Everything pika raises when a connection or channel goes away.
 AMQP_ERRORS = (pika.exceptions.AMQPError, OSError, AssertionError)
+# Seconds an observer connection may stay lost (reconnects failing) before the broker counts as gone.
+BROKER_GONE_AFTER = 5.0
 
 
 def port_of_name(name: str | None) -> int | None:
@@ -133,6 +135,7 @@ class _Worker(threading.Thread):
             except AMQP_ERRORS as exc:
                 if obs._stopping.is_set():
                     break
+                obs._lost.setdefault(self.role, (time.monotonic(), repr(exc)))
                 obs._error(f"{self.role} connection lost: {exc!r}; reconnecting")
                 _safe_close(self.connection)
                 self.connection = None
@@ -149,6 +152,7 @@ class _Worker(threading.Thread):
         while not self.observer._stopping.is_set():
             try:
                 self.connect()
+                self.observer._lost.pop(self.role, None)
                 self.reconnects += 1
                 self.observer.history.record("phase", name="observer_reconnected", source=self.role)
                 return True
@@ -343,6 +347,11 @@ class Observer:
         self._results: set[tuple[Any, Any]] = set()
         self.counts: Counter[str] = Counter()  # history events recorded, by type
 
+        # role -> (monotonic time the connection was lost, the error); cleared on reconnect.
+        self._lost: dict[str, tuple[float, str]] = {}
+        self._broker_gone: str | None = None
+        self._next_group_check = 0.0
+
         self._stopping = threading.Event()
         self._workers: list[_Worker] = []
         self._started = False
@@ -422,6 +431,34 @@ class Observer:
         self.errors.append(text)
 
     # ------------------------------------------------------------------ read side
+    def broker_problem(self, lost_for: float = BROKER_GONE_AFTER) -> str | None:
+        """Why the broker looks gone, or None while it answers.
+
+        A local broker whose server process group has emptied is gone at once;
+        any broker is gone once one of the observer's connections has been lost
+        and every reconnect has failed for ``lost_for`` seconds.
+        """
+        if self._broker_gone is not None:
+            return self._broker_gone
+        now = time.monotonic()
+        groups = list(getattr(self.broker, "process_groups", None) or [])
+        if groups and now >= self._next_group_check:
+            self._next_group_check = now + 1.0
+            from harness.watchdog import group_members
+            if not group_members(groups[0]):
+                self._broker_gone = (f"broker gone: the local rabbitmq-server (process group {groups[0]}) is no "
+                                     f"longer running; the run was ended")
+                return self._broker_gone
+        lost = dict(self._lost)
+        if lost:
+            role, (since, error) = min(lost.items(), key=lambda item: item[1][0])
+            if now - since >= lost_for:
+                self._broker_gone = (f"broker gone: the observer's {role} connection to {self.broker.host}:"
+                                     f"{self.broker.amqp_port} was lost {now - since:.0f} s ago and every "
+                                     f"reconnect since failed ({error}); the run was ended")
+                return self._broker_gone
+        return None
+
     def consumers_of(self, stage: str) -> set[str]:
         """Queues ``stage`` currently holds consumers on."""
         with self._cond:

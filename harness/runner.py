@@ -178,6 +178,7 @@ class ScenarioRun:
         deadline = time.monotonic() + self.windows.G
         waiting = {p.name for p in instances}
         while waiting:
+            self._check_broker(observer)
             self._check_stages(launcher)
             waiting = {name for name in waiting if not observer.consumers_of(name)}
             if not waiting:
@@ -199,6 +200,7 @@ class ScenarioRun:
         later_started = not later
         while True:
             now = time.monotonic()
+            self._check_broker(observer)
             self._check_stages(launcher)
             if self.publish_errors:
                 raise RunEnded("error", f"publishing the workload failed: {self.publish_errors[0]}")
@@ -289,6 +291,14 @@ class ScenarioRun:
             self.flood.publish_many(messages, rate=rate, allow_unroutable=True)
         except BaseException as exc:  # reported by the driving loop
             self.publish_errors.append(exc)
+
+    def _check_broker(self, observer: Observer) -> None:
+        # Before the stages: a stage that exits because the broker died must not take the blame.
+        if any(fault.kind == "restart_broker" for fault in self.scenario.faults):
+            return  # the scenario takes the broker down on purpose
+        problem = observer.broker_problem()
+        if problem:
+            raise RunEnded("broker_gone", problem)
 
     def _check_stages(self, launcher: StageLauncher) -> None:
         exits = launcher.poll()
