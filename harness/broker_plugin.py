@@ -66,12 +66,17 @@ def provider_settings(config: pytest.Config) -> ProviderSettings:
     try:
         timeout = float(option(config, "rabbitmq_start_timeout"))
     except ValueError as error:
-        raise pytest.UsageError(f"rabbitmq_start_timeout: {error}") from error
+        raise pytest.UsageError(f"--rabbitmq-start-timeout / ini rabbitmq_start_timeout: expected a number of "
+                                f"seconds, got {option(config, 'rabbitmq_start_timeout')!r}") from None
+    provider = option(config, "rabbitmq_provider") or "auto"
+    if provider not in PROVIDERS:
+        raise pytest.UsageError(f"--rabbitmq-provider / ini rabbitmq_provider: must be one of "
+                                f"{', '.join(PROVIDERS)}, got {provider!r}")
     stop_mode = option(config, "rabbitmq_stop") or "kill"
     if stop_mode not in ("kill", "graceful"):
         raise pytest.UsageError(f"rabbitmq_stop must be kill or graceful, not {stop_mode!r}")
     return ProviderSettings(
-        provider=option(config, "rabbitmq_provider") or "auto",
+        provider=provider,
         url=option(config, "rabbitmq_url") or None,
         management_url=option(config, "rabbitmq_management_url") or None,
         docker_image=option(config, "rabbitmq_docker_image") or DEFAULT_DOCKER_IMAGE,

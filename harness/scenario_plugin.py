@@ -103,6 +103,9 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     windows_from(config)  # fail fast on bad values, before any broker starts
     engine_from(config)
+    timeline = _value(config, "timeline")
+    if timeline not in ("failed", "all", "none"):  # the command line checks its choices, the ini file does not
+        raise pytest.UsageError(f"--timeline / ini timeline: must be failed, all or none, got {timeline!r}")
 
 
 # -- the fixture -------------------------------------------------------------
