@@ -30,8 +30,9 @@ class Fault:
 
 _ALL = [
     Fault("slow_check", ("QP-CANCEL-WINDOW", "QP-PRECEDENCE"),
-          "The priority check runs every 6 x PRIORITY_CHECK_SECONDS + 2 s instead of every "
-          "PRIORITY_CHECK_SECONDS (32 s with the default 5 s).",
+          "The stage re-evaluates a lower consumer it holds only every 6 x PRIORITY_CHECK_SECONDS "
+          "+ 2 s (32 s with the default 5 s): cancels and moves down come that late. A stage with "
+          "no lower consumer still picks one up at the normal period.",
           may_also=("QP-PROGRESS", "QP-DRAIN-ORDER")),
     Fault("two_lower", ("QP-ONE-LOWER",),
           "When moving down to the next lower queue, the consumer of the emptied lower queue "
@@ -68,19 +69,20 @@ _ALL = [
     Fault("status_into_conversions", ("RT-ONE-TYPE",),
           "The explorer publishes its StatusMessage into the spec's conversion queue instead "
           "of os2ds_status.", stages=("explorer",)),
-    Fault("command_via_queue", ("RT-BROADCAST", "RT-ONE-TYPE"),
+    Fault("command_via_queue", ("RT-BROADCAST",),
           "The explorer relays every command it receives to the workers through "
           "os2ds_conversions instead of leaving it to the broadcast exchange.",
-          stages=("explorer",)),
+          stages=("explorer",), may_also=("RT-ONE-TYPE",)),
     Fault("typo_output_queue", ("RT-ROUTABLE",),
           "The worker publishes its MetadataMessages to 'os2ds_meta_data', a queue nobody "
           "declares (dropped by the broker as unroutable).", stages=("worker",)),
     Fault("ack_on_cancel", ("DL-EXACTLY-ONCE",),
           "When a lower consumer is cancelled, the messages it had prefetched are acked "
           "without being processed (lost) instead of being returned to their queue."),
-    Fault("dup_after_reconnect", ("DL-EXACTLY-ONCE",),
-          "After a reconnect the outputs of the last messages handled before the connection "
-          "was lost are published again (duplicated results)."),
+    Fault("dup_on_cancel", ("DL-EXACTLY-ONCE",),
+          "When a lower consumer is cancelled, the messages it had prefetched are handled (their "
+          "results published) and ALSO returned to their queue, so they are handled again later "
+          "(duplicated results)."),
     Fault("crash_on_poison", ("FT-POISON",),
           "A message that cannot be parsed crashes the stage (exit code 3); it goes back to "
           "its queue unacked.", may_also=("QP-PROGRESS", "DL-EXACTLY-ONCE")),

@@ -23,13 +23,12 @@ import pika.exceptions as pex
 
 from . import messages
 from .config import DEFAULT_READ_QUEUE, Settings
-from .priority import decide, ranked
+from .priority import Decision, decide, ranked
 
 log = logging.getLogger("reference_engine.stage")
 
 BROADCAST_EXCHANGE = "broadcast"
 MAX_CONNECT_FAILURES = 12
-RECENT_OUTPUTS = 5
 
 
 @dataclass
@@ -65,7 +64,6 @@ class Stage:
         self.problem_queues = problem_queues
         self.stopping = False
         self.aborted: set = set()
-        self.recent_outputs: collections.deque[list[Output]] = collections.deque(maxlen=RECENT_OUTPUTS)
         self.handled = 0
         self._reset()
 
@@ -92,8 +90,6 @@ class Stage:
             try:
                 self._connect()
                 failures, backoff = 0, 0.5
-                if connected_once and self.settings.has("dup_after_reconnect"):
-                    self._republish_recent()
                 connected_once = True
                 self._serve()
             except StageExit as exc:
@@ -215,13 +211,15 @@ class Stage:
     # -- the loop -------------------------------------------------------------
     def _serve(self) -> None:
         s = self.settings
-        period = s.effective_check_seconds
+        period = s.check_seconds
+        slow_period = s.effective_check_seconds
+        next_full_check = time.monotonic()
         next_check = time.monotonic()
         if s.has("consume_all_at_start"):
             for q in s.read_queues:
                 if self._ready(q) is not None:
                     self._start(q)
-            next_check = time.monotonic() + 8 * period + 2.0
+            next_check = next_full_check = time.monotonic() + 8 * period + 2.0
         while not self.stopping:
             self.connection.process_data_events(time_limit=0)
             if self.gone:
@@ -230,7 +228,10 @@ class Stage:
                 self._handle_command(self.commands.popleft())
             now = time.monotonic()
             if now >= next_check:
-                self._check()
+                full = now >= next_full_check
+                self._check(full)
+                if full and slow_period != period:
+                    next_full_check = time.monotonic() + slow_period
                 # Keep the checks on a fixed grid (a late check does not push the next one back).
                 next_check += period
                 if next_check <= time.monotonic():
@@ -260,11 +261,17 @@ class Stage:
         self.seen_queues.add(queue)
         return result.method.message_count
 
-    def _check(self) -> None:
+    def _check(self, full: bool = True) -> None:
         s = self.settings
         queues = s.read_queues
         ready = {q: self._ready(q) for q in queues}
         decision = decide(queues, frozenset(self.consuming), ready, s.faults)
+        if not full:
+            # slow_check fault: between the slow checks a held lower consumer is left alone;
+            # only a stage without one picks one up (and q0 is kept).
+            holds_lower = any(q in self.consuming for q in queues[1:])
+            if holds_lower:
+                decision = Decision((), tuple(q for q in decision.start if q == queues[0]), decision.target)
         for q in decision.cancel:
             self._cancel(q)
         for q in decision.start:
@@ -290,15 +297,16 @@ class Stage:
         self.channel.basic_cancel(tag)
         # Messages this consumer had prefetched go back to their queue (or, with the
         # ack_on_cancel fault, are acked without being processed: lost).
-        keep = collections.deque()
-        for item in self.inbox:
-            if item.consumer_tag != tag:
-                keep.append(item)
-            elif self.settings.has("ack_on_cancel"):
+        mine = [item for item in self.inbox if item.consumer_tag == tag]
+        self.inbox = collections.deque(item for item in self.inbox if item.consumer_tag != tag)
+        for item in mine:
+            if self.settings.has("ack_on_cancel"):
                 self.channel.basic_ack(item.delivery_tag)
+            elif self.settings.has("dup_on_cancel"):
+                if not self._handle(item, settle=False):  # results published ...
+                    self.channel.basic_reject(item.delivery_tag, requeue=True)  # ... and requeued
             else:
                 self.channel.basic_reject(item.delivery_tag, requeue=True)
-        self.inbox = keep
 
     def _get_ahead(self, queues: list[str], ready: dict) -> None:
         order = ranked(queues, self.settings.faults)
@@ -328,18 +336,19 @@ class Stage:
         self.channel.basic_ack(item.delivery_tag)
 
     # -- data messages --------------------------------------------------------
-    def _handle(self, item: Delivery) -> None:
+    def _handle(self, item: Delivery, settle: bool = True) -> bool:
+        """Handle one message; True when it was acked or rejected (settled)."""
         s = self.settings
         try:
             obj = messages.decode(item.body, item.properties.content_encoding)
         except messages.PoisonMessage as exc:
             self._poison(item, None, exc)
-            return
+            return True
         key = messages.scan_key(messages.best_effort_tag(obj))
         if key is not None and key in self.aborted:
             self.channel.basic_reject(item.delivery_tag, requeue=False)
             log.debug("dropped a message of aborted scan %s", key)
-            return
+            return True
         if s.work_seconds > 0:
             self.connection.sleep(s.work_seconds)
         try:
@@ -348,11 +357,12 @@ class Stage:
             raise
         except Exception as exc:  # noqa: BLE001 - a message we cannot use is poison
             self._poison(item, obj, exc)
-            return
+            return True
         self._publish(outputs)
-        self.channel.basic_ack(item.delivery_tag)
-        self.recent_outputs.append(outputs)
         self.handled += 1
+        if settle:
+            self.channel.basic_ack(item.delivery_tag)
+        return settle
 
     def _publish(self, outputs: list[Output]) -> None:
         for out in outputs:
@@ -380,10 +390,3 @@ class Stage:
                                 f"Unusable message in queue {item.queue}: {exc}")
         self._publish([Output(q, body) for q in self.problem_queues])
         self.channel.basic_reject(item.delivery_tag, requeue=False)
-
-    def _republish_recent(self) -> None:
-        batches = list(self.recent_outputs)
-        log.warning("republishing the outputs of %d earlier messages (fault dup_after_reconnect)",
-                    len(batches))
-        for outputs in batches:
-            self._publish(outputs)

@@ -172,16 +172,19 @@ def test_fault_ack_on_cancel(observer, engine, ch, tmp_path):
     assert order.count("ac1") + ready(ch, "ac1") < 30
 
 
-def test_fault_dup_after_reconnect(observer, engine, ch, tmp_path, vhost):
-    declare(ch, "du0")
-    worker = engine.start("worker", "du0", faults="dup_after_reconnect")
-    wait_consuming(observer, "du0")
-    fill(ch, tmp_path / "d", "du0", 3)
-    wait_until(lambda: ready(ch, "os2ds_status") == 3, 15, "3 results")
-    n = observer.created_count("du0")
-    close_stage_connection(vhost, worker)
-    wait_until(lambda: observer.created_count("du0") > n, 20, "consumer back after reconnect")
-    wait_until(lambda: (ready(ch, "os2ds_matches") or 0) > 3, 10, "duplicated results")
+def test_fault_dup_on_cancel(observer, engine, ch, tmp_path):
+    from collections import Counter
+    declare(ch, "dc0", "dc1")
+    fill(ch, tmp_path / "d", "dc1", 30)
+    engine.start("worker", "dc0 dc1", faults="dup_on_cancel", work=0.05)
+    wait_consuming(observer, "dc1")
+    fill(ch, tmp_path / "d", "dc0", 10)
+    wait_until(lambda: [c for c in observer.consumer_changes() if c[1:] == ("deleted", "dc1")], 15,
+               "dc1 consumer cancelled")
+    wait_until(lambda: ready(ch, "dc0") == 0 and ready(ch, "dc1") == 0, 30, "both queues emptied")
+    wait_until(lambda: (ready(ch, "os2ds_matches") or 0) > 40, 30, "more results than objects")
+    counts = Counter(m["handle"]["path"] for m in take_all(ch, "os2ds_matches"))
+    assert max(counts.values()) == 2  # an object with two results
 
 
 def test_fault_crash_on_poison(observer, engine, ch, tmp_path):
