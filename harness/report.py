@@ -291,8 +291,9 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     if any(r.findings for r in results) is False:
         handles = []
     lines, names = ax_q.get_legend_handles_labels()
-    ax_q.legend(lines + handles, names + [h.get_label() for h in handles], loc="upper right", fontsize=8,
-                ncol=min(4, len(lines) + len(handles)), framealpha=0.85)
+    if lines or handles:  # a run that ended before any sample (no stage started) has nothing to label
+        ax_q.legend(lines + handles, names + [h.get_label() for h in handles], loc="upper right", fontsize=8,
+                    ncol=min(4, len(lines) + len(handles)), framealpha=0.85)
     ax_s.set_xlim(0, t_end - t0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
