@@ -78,7 +78,10 @@ def windows_from(config: pytest.Config, scenario: Scenario | None = None) -> Win
 
 def engine_from(config: pytest.Config) -> EngineSettings:
     command = _value(config, "engine_cmd")
-    words = shlex.split(command) if isinstance(command, str) else list(command)
+    try:
+        words = shlex.split(command) if isinstance(command, str) else list(command)
+    except ValueError as exc:  # an unbalanced quote
+        raise pytest.UsageError(f"--engine-cmd / ini engine_cmd: cannot split {command!r}: {exc}") from None
     if not words or not any("{stage}" in w for w in words):
         raise pytest.UsageError(f"--engine-cmd / ini engine_cmd: the template must contain {{stage}}, got {command!r}")
     env: dict[str, str] = {}
