@@ -1,0 +1,138 @@
+"""The harness under bad conditions (issue 7): each case in a child pytest, real processes throughout.
+
+Every test checks the child's exit code and output (a readable failure, no
+Python traceback) and that no process the child started (broker, epmd,
+watchdog, stages, the child itself) is left 15 s after it ended.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from conftest import assert_no_traceback, engine
+from harness.broker import find_rabbitmq_bin
+
+pytestmark = pytest.mark.skipif(find_rabbitmq_bin() is None, reason="rabbitmq-server is not installed")
+
+
+def test_engine_command_that_does_not_exist(child):
+    scenario = child.add("one_worker")
+    done = child.run("--engine-cmd", "/nonexistent/qp-no-such-engine {stage}", "--startup-grace", "3", scenario)
+    out = done.output
+    assert done.returncode == 1, out
+    assert "engine command '/nonexistent/qp-no-such-engine' not found" in out, out
+    assert "check --engine-cmd / engine_cmd" in out, out
+    assert "(the run ended by error)" in out, out
+    assert_no_traceback(out)
+    assert child.stage_events() == []  # nothing was started
+    assert child.records(), "the child never reached the test"
+    child.assert_nothing_left()
+
+
+def test_engine_that_exits_at_once(child):
+    scenario = child.add("one_worker")
+    done = child.run("--engine-cmd", engine("exit_at_once"), "--startup-grace", "3", scenario)
+    out = done.output
+    assert done.returncode == 1, out
+    found = re.search(r"stage (explorer|worker) \(pid (\d+)\) exited early with exit code 3; "
+                      r"last 40 lines of \S+/stages/\1\.log:\n", out)
+    assert found, out
+    stage = found.group(1)
+    # Its last lines, not its first ones, and its final word.
+    assert f"exit_at_once {stage}: start-up line 60\nexit_at_once {stage}: FATAL cannot read configuration" in out
+    assert f"exit_at_once {stage}: start-up line 10\n" not in out
+    assert "(the run ended by stage_exited)" in out, out
+    assert_no_traceback(out)
+    assert int(found.group(2)) in [e["pid"] for e in child.stage_events()]
+    child.assert_nothing_left()
+
+
+def test_stage_that_never_connects_fails_at_G_with_its_log_tail(child):
+    scenario = child.add("one_worker")
+    done = child.run("--engine-cmd", engine("never_connects"), "--startup-grace", "3", scenario)
+    out = done.output
+    assert done.returncode == 1, out
+    assert "stage(s) explorer, worker did not start consuming within G = 3 s" in out, out
+    assert re.search(r"--- worker \(pid \d+\), last lines of \S+worker\.log ---\n"
+                     r"never_connects worker: starting up\nnever_connects worker: waiting for the licence server",
+                     out), out
+    assert "(the run ended by stage_silent)" in out, out
+    assert_no_traceback(out)
+    # Ended at G, not at the scenario's time limit: the stage_exited events come a few seconds in.
+    history = child.histories()[0]
+    started = next(e["t"] for e in history if e["type"] == "run_started")
+    ended = next(e["t"] for e in history if e["type"] == "run_finished")
+    assert ended - started < 3 + 10, f"run took {ended - started:.1f} s"
+    child.assert_nothing_left()
+
+
+def test_stage_that_hangs_is_ended_by_the_time_limit_and_named(child):
+    """hangs.py consumes, takes one message and never returns from its callback (and ignores SIGTERM)."""
+    scenario = child.add("one_worker", **{"time_limit: 12": "time_limit: 8"})
+    done = child.run("--engine-cmd", engine("hangs"), "--startup-grace", "3", "--check-period", "1", scenario)
+    out = done.output
+    assert done.returncode == 1, out
+    # The explorer has no work (nothing is sent to it), so only the worker is silent.
+    assert "time limit 8 s reached; stage(s) with no delivery in the last 2 s: worker\n" in out, out
+    assert "(the run ended by time_limit)" in out, out
+    assert_no_traceback(out)
+    exits = {e["stage"]: e for e in child.stage_events("stage_exited")}
+    assert exits["worker"]["returncode"] == -signal.SIGKILL and exits["worker"]["expected"], exits
+    assert exits["explorer"]["returncode"] is not None
+    child.assert_nothing_left()
+
+
+def test_broker_that_dies_mid_test(child):
+    """The child SIGKILLs its local broker 4 s into the first of two scenarios (child_conftest.py)."""
+    slow = {'queue_priority: robust_conversions': 'queue_priority: robust_conversions\n'
+                                                  '    env: {REFERENCE_WORK_SECONDS: "0.05"}',
+            "time_limit: 12": "time_limit: 60", "objects: 40}": "objects: 400}"}
+    first = child.add("one_worker", as_name="a_first", **slow)
+    second = child.add("one_worker", as_name="b_second", **slow)
+    done = child.run(first, second, "--startup-grace", "10", QP_KILL_BROKER_AFTER="4")
+    out = done.output
+    assert any(r.get("event") == "broker_killed" for r in child.records()), out
+    assert done.returncode == 1, out
+    assert re.search(r"the run itself failed: broker gone: the local rabbitmq-server \(process group \d+\) "
+                     r"is no longer running; the run was ended\n", out), out
+    assert "(the run ended by broker_gone)" in out, out
+    # The next test does not hang either: it fails at once, in one line.
+    assert "ERROR at setup of scenario b_second" in out, out
+    assert "is no longer running; this and every later test of the session that needs it fails" in out, out
+    assert "1 failed, 1 error" in out, out
+    assert_no_traceback(out)
+    assert done.seconds < 45, f"the child took {done.seconds:.0f} s; the time limit was 60 s"
+    child.assert_nothing_left()
+
+
+def test_ctrl_c_during_a_flood(child):
+    scenario = child.add("flood")
+    proc = child.start(scenario, "--startup-grace", "10")
+    deadline = time.monotonic() + 90
+    # Wait until the flood is under way: the workload phase has begun and the worker is getting messages.
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "the child's flood never got going"
+        histories = child.histories()
+        events = histories[0] if histories else []
+        if any(e.get("name") == "workload.0" for e in events) and sum(e["type"] == "deliver" for e in events) > 50:
+            break
+        time.sleep(0.3)
+    pids = child.pids()
+    assert pids["broker"] and pids["watchdog"] and len(pids["stage"]) == 2, pids
+    os.kill(proc.pid, signal.SIGINT)
+    signalled = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except Exception:
+        pytest.fail(f"the child did not exit within 30 s of Ctrl-C; known pids {pids}")
+    took = time.monotonic() - signalled
+    assert proc.returncode == 2, out  # pytest's "interrupted"
+    assert "KeyboardInterrupt" in out, out
+    left_after = child.assert_nothing_left()
+    print(f"Ctrl-C: child exited {took:.1f} s after SIGINT; broker, epmd, watchdog and stages gone "
+          f"{left_after:.1f} s later")
