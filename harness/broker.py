@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from typing import Callable
+
 import pika
 import requests
 
@@ -120,6 +122,9 @@ class Broker:
     #: process groups the provider started (local provider), for diagnostics and tests
     process_groups: list[int] = field(default_factory=list, repr=False)
     management: ManagementClient = field(init=False, repr=False)
+    #: stop the node, wait the given seconds, start it again with the same ports and data
+    #: (the local provider only; None elsewhere): the restart_broker fault
+    restart: Callable[[float], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.management = ManagementClient(self.management_url, self.user, self.password)
@@ -320,6 +325,7 @@ class LocalBroker:
                 "RABBITMQ_PID_FILE": str(self.workdir / "rabbitmq.pid"),
                 "ERL_CRASH_DUMP": str(self.workdir / "erl_crash.dump"),
             }
+            self._env, self._bin_dir = env, bin_dir
             with open(self.log_path, "ab") as log:
                 # Our own epmd on a private port, so none is left behind as a daemon; it must
                 # listen before the node starts, or erl would spawn a detached one itself.
@@ -341,6 +347,27 @@ class LocalBroker:
             raise
         finally:
             claims.release()
+
+    def restart(self, down: float = 1.0) -> None:
+        """Kill the node (not its epmd), wait ``down`` seconds, start it on the same ports and data dir.
+
+        Vhosts, users and durable queues survive; the firehose tracer does not (the caller
+        switches it on again)."""
+        if self.broker is None or self.process is None:
+            raise BrokerError("restart: the local broker is not running")
+        _signal_group(self.process, signal.SIGKILL)
+        self.process.wait(15)
+        _wait_group_gone(self.process.pid, 15)
+        watchdog.unregister_process_group(self.process.pid)
+        time.sleep(down)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n---- qp-harness: restarting {self.node} after {down:g} s down ----\n".encode())
+            log.flush()
+            self.process = subprocess.Popen([str(self._bin_dir / "rabbitmq-server")], stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL, env=self._env, start_new_session=True)
+        watchdog.register_process_group(self.process.pid, grace=0)
+        self.broker.process_groups[0] = self.process.pid
+        self._wait_ready(self.broker)
 
     def _wait_ready(self, broker: Broker) -> None:
         deadline = time.monotonic() + self.start_timeout

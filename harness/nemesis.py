@@ -144,3 +144,21 @@ class Nemesis:
             channel.exchange_declare("broadcast", "fanout", durable=True)
             channel.confirm_delivery()
             channel.basic_publish("broadcast", "", encode_body(command), properties)
+
+    def _restart_broker(self, fault: Fault) -> None:
+        if self.broker.restart is None:
+            raise NemesisError(f"restart_broker needs the local provider; this broker is {self.broker.provider}")
+        down = float(fault.params.get("seconds", 1.0))
+
+        def restart() -> None:
+            try:
+                self.broker.restart(down)
+                # Tracing is per node run: switch the firehose on again for the test's vhost.
+                self.broker.management.set_tracing(self.vhost, True)
+                self.history.record("phase", name="broker_restarted", down=down)
+            except Exception as exc:  # reported through tick() on the runner's thread
+                self.errors.append(f"restart_broker: {exc}")
+
+        thread = threading.Thread(target=restart, daemon=True, name="nemesis-restart")
+        self.threads.append(thread)
+        thread.start()

@@ -128,6 +128,7 @@ class LocalProvision(Provision):
         self.local = LocalBroker(workdir, self.settings.start_timeout, bin_dir=self.settings.server_dir,
                                  stop_mode=self.settings.stop_mode)
         self.broker = self.local.start()
+        self.broker.restart = self.local.restart
 
     def close(self) -> None:
         if self.local is not None:

@@ -22,3 +22,12 @@ def test_deleted_lower_queue_does_not_stop_the_stage(scenario_runner):
 def test_stage_reconnects_after_broker_closes_its_connection(scenario_runner):
     run = scenario_runner(f"{HERE}/reconnect.yaml")
     assert_clauses(run, "FT-RECONNECT", "DL-EXACTLY-ONCE")
+
+
+@pytest.mark.clauses("DL-EXACTLY-ONCE", "QP-FIRST-PINNED")
+def test_stages_survive_a_broker_restart(scenario_runner, broker):
+    if broker.restart is None:
+        pytest.skip(f"restart_broker needs the local provider (this broker: {broker.provider})")
+    run = scenario_runner(f"{HERE}/broker_restart.yaml")
+    assert_clauses(run, "DL-EXACTLY-ONCE", "QP-FIRST-PINNED")
+    assert any(e.get("name") == "broker_restarted" for e in run.history.of("phase")), "the broker was not restarted"

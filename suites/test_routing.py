@@ -18,3 +18,9 @@ def test_two_tenants_stay_apart(scenario_runner):
 def test_misrouted_conversions_are_caught(scenario_runner):
     run = scenario_runner(f"{HERE}/misrouted.yaml")
     assert_scenario(run)
+
+
+@pytest.mark.clauses("RT-BROADCAST", "RT-ONE-TYPE")
+def test_abort_command_travels_on_the_broadcast_exchange(scenario_runner):
+    run = scenario_runner(f"{HERE}/broadcast.yaml")
+    assert_clauses(run, "RT-BROADCAST", "RT-ONE-TYPE", "DL-EXACTLY-ONCE")
