@@ -43,7 +43,7 @@ FAULT_SCENARIO = {
     "command_via_queue": "broadcast",
     "typo_output_queue": "tenants",
     "ack_on_cancel": "burst",
-    "dup_after_reconnect": "reconnect",
+    "dup_on_cancel": "burst",
     "crash_on_poison": "poison",
     "requeue_poison": "poison",
     "die_on_queue_gone": "queue_gone",
