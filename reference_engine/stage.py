@@ -272,8 +272,12 @@ class Stage:
             holds_lower = any(q in self.consuming for q in queues[1:])
             if holds_lower:
                 decision = Decision((), tuple(q for q in decision.start if q == queues[0]), decision.target)
+        order = ranked(queues, s.faults)
         for q in decision.cancel:
-            self._cancel(q)
+            # Cancelled because a queue above it has work: its prefetched messages go back.
+            # Cancelled because it ran dry (moving down): they are still the next work in order.
+            above = order[:order.index(q)] if q in order else []
+            self._cancel(q, requeue=any((ready.get(h) or 0) > 0 for h in above))
         for q in decision.start:
             self._start(q)
         if decision.is_switch:
@@ -289,12 +293,14 @@ class Stage:
         self.consuming[queue] = tag
         self.tag_queue[tag] = queue
 
-    def _cancel(self, queue: str) -> None:
+    def _cancel(self, queue: str, requeue: bool = True) -> None:
         tag = self.consuming.pop(queue, None)
         if tag is None:
             return
         self.tag_queue.pop(tag, None)
         self.channel.basic_cancel(tag)
+        if not requeue:
+            return  # its prefetched messages stay in the inbox and are handled in turn
         # Messages this consumer had prefetched go back to their queue (or, with the
         # ack_on_cancel fault, are acked without being processed: lost).
         mine = [item for item in self.inbox if item.consumer_tag == tag]
