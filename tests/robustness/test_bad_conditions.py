@@ -136,3 +136,41 @@ def test_ctrl_c_during_a_flood(child):
     left_after = child.assert_nothing_left()
     print(f"Ctrl-C: child exited {took:.1f} s after SIGINT; broker, epmd, watchdog and stages gone "
           f"{left_after:.1f} s later")
+
+
+def test_external_broker_that_dies_mid_test(child, tmp_path):
+    """Without a process group to watch, the observer's lost connections tell: broker gone after 5 s."""
+    from harness.broker import LocalBroker
+
+    local = LocalBroker(tmp_path / "external-rabbitmq")
+    broker = local.start()
+    try:
+        slow = {'queue_priority: robust_conversions': 'queue_priority: robust_conversions\n'
+                                                      '    env: {REFERENCE_WORK_SECONDS: "0.05"}',
+                "time_limit: 12": "time_limit: 60", "objects: 40}": "objects: 400}"}
+        first = child.add("one_worker", as_name="a_first", **slow)
+        second = child.add("one_worker", as_name="b_second", **slow)
+        proc = child.start(first, second, "--rabbitmq-provider", "external", "--rabbitmq-url", broker.amqp_url(),
+                           "--rabbitmq-management-url", broker.management_url, "--startup-grace", "10")
+        deadline = time.monotonic() + 60
+        while True:  # until the worker is busy
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the child's scenario never got going"
+            histories = child.histories()
+            if histories and sum(e["type"] == "deliver" for e in histories[0]) > 20:
+                break
+            time.sleep(0.3)
+        local.stop()  # SIGKILL of the external broker's process groups
+        killed = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        local.stop()
+    assert proc.returncode == 1, out
+    assert re.search(r"the run itself failed: broker gone: the observer's \w+ connection to 127\.0\.0\.1:\d+ was "
+                     r"lost \d+ s ago and every reconnect since failed \(.+\); the run was ended\n", out), out
+    assert "(the run ended by broker_gone)" in out, out
+    assert "ERROR at setup of scenario b_second" in out and "qp-harness: cannot create this test's vhost" in out, out
+    assert_no_traceback(out)
+    assert took < 40, f"the child took {took:.0f} s after the broker died; the time limit was 60 s"
+    child.assert_nothing_left()
