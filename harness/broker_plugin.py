@@ -65,7 +65,7 @@ def option(config: pytest.Config, ini: str) -> str:
 def provider_settings(config: pytest.Config) -> ProviderSettings:
     try:
         timeout = float(option(config, "rabbitmq_start_timeout"))
-    except ValueError as error:
+    except ValueError:
         raise pytest.UsageError(f"--rabbitmq-start-timeout / ini rabbitmq_start_timeout: expected a number of "
                                 f"seconds, got {option(config, 'rabbitmq_start_timeout')!r}") from None
     provider = option(config, "rabbitmq_provider") or "auto"

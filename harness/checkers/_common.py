@@ -167,7 +167,8 @@ def build_levels(history, end: float) -> QueueLevels:
             if st is None:
                 state[q] = [kind, t, t, n is not None]
                 lv.observed.add(q)
-                changes.append((t, order, q, n is not None)); order += 1
+                changes.append((t, order, q, n is not None))
+                order += 1
                 continue
             if st[0] != kind or t - st[2] > MAX_SAMPLE_GAP:
                 (lv.pos if st[0] == "pos" else lv.zero).setdefault(q, []).append((st[1], st[2]))
@@ -177,7 +178,8 @@ def build_levels(history, end: float) -> QueueLevels:
             ex = n is not None
             if ex != st[3]:
                 st[3] = ex
-                changes.append((t, order, q, ex)); order += 1
+                changes.append((t, order, q, ex))
+                order += 1
     for q, st in state.items():
         (lv.pos if st[0] == "pos" else lv.zero).setdefault(q, []).append((st[1], st[2]))
     for q in list(lv.pos):

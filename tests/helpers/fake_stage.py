@@ -23,7 +23,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 
 import pika
