@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import assert_no_traceback, engine
+from robust_support import assert_no_traceback, engine
 from harness.broker import find_rabbitmq_bin
 
 pytestmark = pytest.mark.skipif(find_rabbitmq_bin() is None, reason="rabbitmq-server is not installed")

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import assert_no_traceback, inner_env, inner_pytest_command
+from robust_support import assert_no_traceback, inner_env, inner_pytest_command
 
 CASES = [
     # (command-line args, ini line or None, what the message must say)
