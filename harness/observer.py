@@ -213,7 +213,11 @@ class _FirehoseWorker(_Worker):
         trace.queue_declare(queue, auto_delete=True, arguments={"x-expires": 60_000})
         obs._trace_queue = queue
         trace.queue_bind(queue, TRACE_EXCHANGE, "publish.#")
-        trace.queue_bind(queue, TRACE_EXCHANGE, "deliver.#")
+        # Deliveries are traced per queue, leaving out the output queues the observer reads
+        # itself: their deliveries would double the firehose for nothing (and it is the
+        # firehose's volume that costs the engine throughput on a small machine).
+        self.trace_channel, self.bound = trace, set()
+        self.bind_deliveries(obs._delivery_queues())
         trace.basic_consume(queue, self._on_trace, auto_ack=True)
         output = self.connection.channel()
         for name in obs.output_queues:
@@ -221,6 +225,12 @@ class _FirehoseWorker(_Worker):
             output.queue_declare(name, durable=True)
             output.basic_consume(name, partial(self._on_output, name), auto_ack=True)
         self.last_message = time.monotonic()
+
+    def bind_deliveries(self, queues) -> None:
+        for name in queues:
+            if name not in self.bound:
+                self.trace_channel.queue_bind(self.observer._trace_queue, TRACE_EXCHANGE, f"deliver.{name}")
+                self.bound.add(name)
 
     def _on_trace(self, channel, method, properties, body) -> None:
         self.last_message = time.monotonic()
@@ -237,6 +247,11 @@ class _FirehoseWorker(_Worker):
             self.observer._error(f"output message from {queue!r} not recorded: {exc!r}")
 
     def serve_once(self) -> None:
+        if self.observer._new_queues:
+            # Queues the broker announced since the last turn (event thread); bound here,
+            # since only this thread may touch its channel.
+            fresh, self.observer._new_queues = self.observer._new_queues, []
+            self.bind_deliveries(fresh)
         self.connection.process_data_events(time_limit=0.1)
 
     def drain(self) -> None:
@@ -317,6 +332,7 @@ class Observer:
         self.errors: list[str] = []
 
         self._queues: list[str] = list(dict.fromkeys(queues))
+        self._new_queues: list[str] = []  # announced by the event thread, bound by the firehose thread
         self._stage_pids: dict[str, int] = {}
         self._own_ports: set[int] = set()
         self._own_queues: set[str] = set()
@@ -369,6 +385,17 @@ class Observer:
         """Sample ``queue`` too from the next tick on."""
         if queue not in self._queues:
             self._queues = self._queues + [queue]
+            self._new_queues = self._new_queues + [queue]
+
+    def _delivery_queues(self) -> list[str]:
+        """Queues whose deliveries are traced: the scenario's and every other queue of the vhost,
+        but not the output queues the observer reads itself."""
+        names = list(self._queues)
+        try:
+            names += [q["name"] for q in self.broker.management.queues(self.vhost)]
+        except Exception as exc:  # the scenario's queues are the ones that matter most
+            self._error(f"could not list the vhost's queues: {exc!r}")
+        return [n for n in dict.fromkeys(names) if n not in self.output_queues and n not in self._own_queues]
 
     def start(self) -> None:
         """Connect and subscribe; returns once every subscription is in place."""
@@ -724,6 +751,8 @@ class Observer:
             self._queue_generation[name] = self._queue_generation.get(name, 0) + 1
             if name in self._own_queues or _is_own_exclusive(h, self._conns):
                 return True
+            if name not in self.output_queues:
+                self._new_queues = self._new_queues + [name]  # its deliveries get traced too
             self._record("queue_created", t, queue=name, durable=_as_bool(h.get("durable")),
                          auto_delete=_as_bool(h.get("auto_delete")), arguments=h.get("arguments") or [],
                          exclusive=_as_bool(h.get("exclusive")), broker_ms=broker_ms)
