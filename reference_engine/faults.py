@@ -83,6 +83,9 @@ _ALL = [
           "When a lower consumer is cancelled, the messages it had prefetched are handled (their "
           "results published) and ALSO returned to their queue, so they are handled again later "
           "(duplicated results)."),
+    Fault("dup_after_reconnect", ("DL-EXACTLY-ONCE",),
+          "After a reconnect the outputs of the last 5 messages handled (and acked) before the "
+          "connection was lost are published again: duplicate results no redelivery explains."),
     Fault("crash_on_poison", ("FT-POISON",),
           "A message that cannot be parsed crashes the stage (exit code 3); it goes back to "
           "its queue unacked.", may_also=("QP-PROGRESS", "DL-EXACTLY-ONCE")),

@@ -29,6 +29,7 @@ log = logging.getLogger("reference_engine.stage")
 
 BROADCAST_EXCHANGE = "broadcast"
 MAX_CONNECT_FAILURES = 12
+DUP_AFTER_RECONNECT = 5  # handled messages whose outputs the dup_after_reconnect fault publishes again
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Stage:
         self.stopping = False
         self.aborted: set = set()
         self.handled = 0
+        self.recent_outputs: list[list[Output]] = []  # only kept with the dup_after_reconnect fault
         self._reset()
 
     # -- state per connection -------------------------------------------------
@@ -90,6 +92,13 @@ class Stage:
             try:
                 self._connect()
                 failures, backoff = 0, 0.5
+                if connected_once and self.settings.has("dup_after_reconnect") and self.recent_outputs:
+                    # The fault: outputs of messages already handled and acked go out once more.
+                    log.warning("republishing the outputs of %d handled messages (fault dup_after_reconnect)",
+                                len(self.recent_outputs))
+                    for outputs in self.recent_outputs:
+                        self._publish(outputs)
+                    self.recent_outputs = []
                 connected_once = True
                 self._serve()
             except StageExit as exc:
@@ -366,6 +375,8 @@ class Stage:
             return True
         self._publish(outputs)
         self.handled += 1
+        if s.has("dup_after_reconnect"):
+            self.recent_outputs = (self.recent_outputs + [outputs])[-DUP_AFTER_RECONNECT:]
         if settle:
             self.channel.basic_ack(item.delivery_tag)
         return settle

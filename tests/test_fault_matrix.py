@@ -44,6 +44,7 @@ FAULT_SCENARIO = {
     "typo_output_queue": "tenants",
     "ack_on_cancel": "burst",
     "dup_on_cancel": "burst",
+    "dup_after_reconnect": "reconnect",
     "crash_on_poison": "poison",
     "requeue_poison": "poison",
     "die_on_queue_gone": "queue_gone",

@@ -187,6 +187,18 @@ def test_fault_dup_on_cancel(observer, engine, ch, tmp_path):
     assert max(counts.values()) == 2  # an object with two results
 
 
+def test_fault_dup_after_reconnect(observer, engine, ch, tmp_path, vhost):
+    from collections import Counter
+    declare(ch, "dr0")
+    fill(ch, tmp_path / "d", "dr0", 10)
+    worker = engine.start("worker", "dr0", faults="dup_after_reconnect")
+    wait_until(lambda: ready(ch, "dr0") == 0 and (ready(ch, "os2ds_matches") or 0) >= 10, 30, "the backlog handled")
+    close_stage_connection(vhost, worker)
+    wait_until(lambda: (ready(ch, "os2ds_matches") or 0) > 10, 30, "results published again after the reconnect")
+    counts = Counter(m["handle"]["path"] for m in take_all(ch, "os2ds_matches"))
+    assert len(counts) == 10 and max(counts.values()) == 2  # acked objects with a second result
+
+
 def test_fault_crash_on_poison(observer, engine, ch, tmp_path):
     declare(ch, "cp0")
     worker = engine.start("worker", "cp0", faults="crash_on_poison")
