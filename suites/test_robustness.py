@@ -31,3 +31,13 @@ def test_stages_survive_a_broker_restart(scenario_runner, broker):
     run = scenario_runner(f"{HERE}/broker_restart.yaml")
     assert_clauses(run, "DL-EXACTLY-ONCE", "QP-FIRST-PINNED")
     assert any(e.get("name") == "broker_restarted" for e in run.history.of("phase")), "the broker was not restarted"
+
+
+@pytest.mark.clauses("DL-EXACTLY-ONCE", "QP-FIRST-PINNED")
+def test_a_killed_and_a_paused_worker_lose_nothing(scenario_runner):
+    run = scenario_runner(f"{HERE}/kill_and_pause.yaml")
+    assert_clauses(run, "DL-EXACTLY-ONCE", "QP-FIRST-PINNED")
+    kinds = [e["kind"] for e in run.history.of("fault")]
+    assert "kill_stage" in kinds and "pause_stage" in kinds and "resume_stage" in kinds
+    restarted = [e for e in run.history.of("stage_started") if e["stage"] == "worker#2"]
+    assert len(restarted) == 2, "worker#2 was not started again after the kill"

@@ -151,7 +151,7 @@ def test_replica_targets_are_checked():
 
 def test_every_fault_kind_is_documented_and_checked():
     assert set(FAULT_KINDS) == {"delete_queue", "close_connection", "kill_stage", "restart_broker",
-                                "pause_stage", "poison"}
+                                "pause_stage", "poison", "abort_scan"}
     assert len(CLAUSE_IDS) == 18
 
 
