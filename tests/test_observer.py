@@ -12,20 +12,13 @@ from harness.history import EVENT_TYPES, HistoryWriter
 from harness.messages import OUTPUT_QUEUES, encode_body
 from harness.observer import Observer
 from harness.scenario import Stage
-from harness.stages import StageLauncher
 
 FAKE_STAGE = [sys.executable, str(Path(__file__).parent / "helpers" / "fake_stage.py"), "{stage}"]
+
 
 SCAN_TAG = {"time": "2025-01-01T00:00:00+00:00", "user": "u", "scanner": {"pk": 7, "name": "s"},
             "organisation": {"name": "o", "uuid": "org-1"}}
 SPEC = {"scan_tag": SCAN_TAG, "source": {"type": "file", "path": "/srv"}, "rule": {"type": "cpr"}}
-
-
-@pytest.fixture
-def history(tmp_path):
-    writer = HistoryWriter(tmp_path / "history.jsonl")
-    yield writer
-    writer.close()
 
 
 @pytest.fixture
@@ -43,20 +36,6 @@ def make_observer(broker, vhost, history):
         observer.stop()
 
 
-@pytest.fixture
-def launcher(broker, vhost, history, tmp_path):
-    launchers = []
-
-    def make(observer=None, command=FAKE_STAGE, env=None):
-        launcher = StageLauncher(command, env or {}, broker, vhost.name, tmp_path, history, observer)
-        launchers.append(launcher)
-        return launcher
-
-    yield make
-    for launcher in launchers:
-        launcher.stop_all(grace=2)
-
-
 def of(history, type_, **match):
     return [e for e in history.events if e["type"] == type_ and all(e.get(k) == v for k, v in match.items())]
 
@@ -71,9 +50,9 @@ def wait_until(predicate, timeout=10.0):
     return predicate()
 
 
-def test_events_are_attributed_to_the_stage(make_observer, launcher, history):
+def test_events_are_attributed_to_the_stage(make_observer, make_launcher, history):
     observer = make_observer(["qa", "qb"])
-    stages = launcher(observer)
+    stages = make_launcher(observer=observer)
     [proc] = stages.start(Stage(name="w1", kind="worker", queue_priority=["qa", "qb"], env={"FAKE_PREFETCH": "2"}))
     assert observer.wait_for_consumers("w1", {"qa", "qb"}, timeout=20) == {"qa", "qb"}, proc.tail()
 
@@ -103,9 +82,9 @@ def test_events_are_attributed_to_the_stage(make_observer, launcher, history):
         assert set(EVENT_TYPES[event["type"]]) <= set(event), event
 
 
-def test_a_wrapper_command_is_attributed_through_its_child(make_observer, launcher, history):
+def test_a_wrapper_command_is_attributed_through_its_child(make_observer, make_launcher, history):
     observer = make_observer()
-    stages = launcher(observer)
+    stages = make_launcher(observer=observer)
     stages.start(Stage(name="wrapped", kind="worker", queue_priority=["qw"], env={"FAKE_CHILD": "1"}))
     assert observer.wait_for_consumers("wrapped", {"qw"}, timeout=20) == {"qw"}
     assert of(history, "connection_created", stage="wrapped")
@@ -152,9 +131,9 @@ def test_samples_follow_ready_counts(make_observer, amqp_channel, history):
     assert len(times) >= 5 and max(b - a for a, b in zip(times, times[1:])) < 1.0
 
 
-def test_firehose_publish_and_deliver_with_summaries(make_observer, launcher, history, amqp_channel):
+def test_firehose_publish_and_deliver_with_summaries(make_observer, make_launcher, history, amqp_channel):
     observer = make_observer(["specs"])
-    stages = launcher(observer)
+    stages = make_launcher(observer=observer)
     stages.start(Stage(name="ex", kind="explorer", queue_priority=["specs"],
                        env={"FAKE_PUBLISH_ON_DELIVERY": "os2ds_status",
                             "FAKE_BODY": '{"scan_tag": {"scanner": {"pk": 7}, "time": "2025-01-01T00:00:00+00:00"},'
@@ -275,9 +254,9 @@ def _reference_engine_available() -> bool:
 
 
 @pytest.mark.skipif(not _reference_engine_available(), reason="reference_engine.run_stage not importable")
-def test_a_closed_stage_connection_and_its_reconnect_are_attributed(make_observer, launcher, history, broker):
+def test_a_closed_stage_connection_and_its_reconnect_are_attributed(make_observer, make_launcher, history, broker):
     observer = make_observer(["rq"])
-    stages = launcher(observer, command=None)
+    stages = make_launcher(command=None, observer=observer)
     [proc] = stages.start(Stage(name="ref", kind="worker", queue_priority=["rq"]))
     assert observer.wait_for_consumers("ref", {"rq"}, timeout=30), proc.tail()
     [name] = observer.connections_of("ref")

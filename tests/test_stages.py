@@ -12,33 +12,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.history import HistoryWriter
 from harness.observer import Observer
 from harness.scenario import Stage
-from harness.stages import DEFAULT_COMMAND, StageExited, StageLauncher, StageStartError
+from harness.stages import DEFAULT_COMMAND, StageExited, StageStartError
 
 FAKE_STAGE = [sys.executable, str(Path(__file__).parent / "helpers" / "fake_stage.py"), "{stage}"]
 
-
-@pytest.fixture
-def history(tmp_path):
-    writer = HistoryWriter(tmp_path / "history.jsonl")
-    yield writer
-    writer.close()
-
-
-@pytest.fixture
-def make_launcher(broker, vhost, history, tmp_path):
-    launchers = []
-
-    def make(command=FAKE_STAGE, env=None, observer=None):
-        launcher = StageLauncher(command, env or {}, broker, vhost.name, tmp_path, history, observer)
-        launchers.append(launcher)
-        return launcher
-
-    yield make
-    for launcher in launchers:
-        launcher.stop_all(grace=2)
 
 
 def wait_until(predicate, timeout=10.0):
