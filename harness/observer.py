@@ -536,6 +536,11 @@ class Observer:
         with self._cond:
             return len(self._results)
 
+    def answered(self) -> set[tuple[Any, Any]]:
+        """The (scan, object) pairs counted by ``result_count``."""
+        with self._cond:
+            return set(self._results)
+
     def wait_for(self, predicate: Callable[[], Any], timeout: float) -> Any:
         """Wait until ``predicate()`` is truthy (re-checked on every state change); returns its last value."""
         deadline = time.monotonic() + timeout

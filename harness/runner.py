@@ -70,27 +70,6 @@ class RunResult:
         return {r.clause for r in self.failed}
 
 
-class _ResultCounter:
-    """Counts results (matches or problems for a planned object) as output events arrive."""
-
-    def __init__(self, writer: HistoryWriter):
-        self.writer = writer
-        self.position = 0
-        self.seen: set[tuple[str, str]] = set()
-
-    def update(self) -> int:
-        events = self.writer.events
-        end = len(events)
-        for event in events[self.position:end]:
-            if event["type"] != "output":
-                continue
-            msg = event.get("msg") or {}
-            if msg.get("type") in ("MatchesMessage", "ProblemMessage") and event.get("queue") != "os2ds_checkups":
-                self.seen.add((msg.get("scan"), msg.get("object")))
-        self.position = end
-        return len(self.seen)
-
-
 class RunEnded(Exception):
     """Ends the driving loop early; ``reason`` goes into run_finished."""
 
@@ -196,7 +175,6 @@ class ScenarioRun:
         started = time.monotonic()
         deadline = started + scenario.time_limit
         pending = list(enumerate(scenario.workload))
-        counter = _ResultCounter(self.history)
         later_started = not later
         while True:
             now = time.monotonic()
@@ -217,8 +195,9 @@ class ScenarioRun:
                 self.history.record("phase", name="flood_done")
                 self._start_stages(launcher, observer, later)
                 later_started = True
-            done = counter.update()
-            wanted = self._still_expected(counter.seen, nemesis)
+            answered = observer.answered()
+            done = len(answered & self.expected)
+            wanted = self._still_expected(answered, nemesis)
             if not flooding and later_started and not (nemesis.pending or nemesis.busy) and done >= wanted:
                 self.say(f"all {wanted} objects have a result")
                 self._settle(launcher)
