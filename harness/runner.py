@@ -193,6 +193,7 @@ class ScenarioRun:
             flooding = pending or any(t.is_alive() for t in self._publishers)
             if not flooding and not later_started:
                 self.history.record("phase", name="flood_done")
+                self._wait_for_firehose(self.flood.totals.sent)
                 self._start_stages(launcher, observer, later)
                 later_started = True
             answered = observer.answered()
@@ -211,6 +212,19 @@ class ScenarioRun:
                                          f"delivery in the last {self.windows.W:g} s: {', '.join(silent)}")
                 return "time_limit"
             time.sleep(0.05)
+
+    def _wait_for_firehose(self, published: int, timeout: float = 10.0) -> None:
+        """Before a drain's stage starts, let the observer record every publish of the backlog.
+
+        Firehose events are stamped when the observer receives them, so a backlog still in
+        flight would look as if it was published after the stage started (not a drain)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            recorded = sum(1 for e in self.history.events if e["type"] == "publish" and e.get("stage") == "harness")
+            if recorded >= published:
+                return
+            time.sleep(0.05)
+        self.say(f"the firehose recorded fewer than {published} workload publishes within {timeout:g} s")
 
     def _silent_stages(self, observer: Observer, launcher: StageLauncher) -> list[str]:
         """Running stages with work ready in a queue they read but no delivery in the last W (a hang)."""
