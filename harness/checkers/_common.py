@@ -182,6 +182,7 @@ def build_levels(history, end: float) -> QueueLevels:
                 order += 1
     for q, st in state.items():
         (lv.pos if st[0] == "pos" else lv.zero).setdefault(q, []).append((st[1], st[2]))
+    _start_runs_at_publish(lv, history)
     for q in list(lv.pos):
         lv.pos[q] = [iv for iv in lv.pos[q] if iv[1] > iv[0]]
     for q in list(lv.zero):
@@ -196,6 +197,32 @@ def build_levels(history, end: float) -> QueueLevels:
         lv.exist_t.setdefault(q, []).append(t)
         lv.exist_v.setdefault(q, []).append(ex)
     return lv
+
+
+def _start_runs_at_publish(lv: QueueLevels, history) -> None:
+    """A queue holds work from the publish that filled it, not from the next sample (up to 100 ms
+    later): a run of ready messages starts at the first publish into the queue after its last
+    empty sample. Without this, a stage that reacts within one sample interval cancels "before"
+    the work it reacts to, and its switch is not counted. Publishes stamped after the sample
+    (a late firehose) leave the run as sampled."""
+    published: dict[str, list[float]] = {}
+    for ev in history.of("publish"):
+        if ev.get("exchange", "") == "" and ev.get("routing_key") in lv.pos:
+            published.setdefault(ev["routing_key"], []).append(ev["t"])
+    for q, times in published.items():
+        times.sort()
+        zero_ends = sorted(b for _, b in lv.zero.get(q, []))
+        runs = []
+        previous_end = float("-inf")
+        for a, b in sorted(lv.pos[q]):
+            i = bisect.bisect_left(zero_ends, a) - 1
+            last_empty = max(zero_ends[i] if i >= 0 else float("-inf"), previous_end)
+            previous_end = b
+            j = bisect.bisect_right(times, last_empty)
+            if j < len(times) and times[j] < a:
+                a = times[j]
+            runs.append((a, b))
+        lv.pos[q] = runs
 
 
 # ---------------------------------------------------------------- stages

@@ -320,3 +320,25 @@ def test_unattributed_consumers_make_a_stage_unjudged_not_guilty():
     for clause in ("QP-FIRST-PINNED", "QP-PROGRESS"):
         r = judge(hb, clause)
         assert r.outcome == "not_exercised" and "worker not judged" in r.exercised
+
+
+
+def test_cancel_window_counts_a_switch_made_before_the_first_sample_shows_the_work():
+    # Work is published into q0 at 10.02; the stage cancels q1 at 10.05, before the sample at
+    # 10.1 shows q0 non-empty. The work dates from its publish, so this is a switch of 0.03 s.
+    hb = base().consume(2, "worker", "q1").levels(0, 40, {"q0": [(0, 0), (10.1, 50), (30, 0)], "q1": [(0, 100)]})
+    hb.publish(10.02, "q0", stage="harness")
+    hb.cancel(10.05, "worker", "q1")
+    end(hb, 40)
+    r = judge(hb, "QP-CANCEL-WINDOW")
+    assert r.outcome == "passed" and r.exercised == "1 switches observed"
+    assert r.metrics["latency_s"]["max"] == 0.03
+
+
+def test_a_publish_stamped_after_the_sample_does_not_move_the_work():
+    # A late firehose stamp (after the sample that already showed the work) changes nothing.
+    hb = base().consume(2, "worker", "q1").levels(0, 40, {"q0": [(0, 0), (10.0, 50), (30, 0)], "q1": [(0, 100)]})
+    hb.publish(10.5, "q0", stage="harness")
+    hb.cancel(13.0, "worker", "q1")
+    end(hb, 40)
+    assert judge(hb, "QP-CANCEL-WINDOW").metrics["latency_s"]["max"] == 3.0
