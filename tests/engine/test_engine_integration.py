@@ -1,6 +1,5 @@
 """The reference engine against a real private broker: scans, priority, robustness."""
 import random
-import signal
 import time
 
 import pytest
@@ -8,7 +7,7 @@ from faker import Faker
 
 from reference_engine import rules
 
-from .helpers import (close_stage_connection, conversion, declare, decode, fill, publish, ready, scan_spec, take_all,
+from .helpers import (close_stage_connection, declare, decode, fill, publish, ready, scan_spec, take_all,
                       wait_until)
 from .test_rules import make_cpr
 
@@ -257,7 +256,6 @@ def test_abort_command_drops_the_rest_of_a_scan(observer, engine, ch, tmp_path):
 
 def take_all_keep(ch):
     """Matches so far, without consuming them."""
-    import pika
     side = ch.connection.channel()
     out = []
     try:
@@ -276,7 +274,6 @@ def test_sigterm_finishes_the_message_in_hand_and_exits_0(observer, engine, ch, 
     fill(ch, tmp_path / "d", "s0", 20)
     worker = engine.start("worker", "s0", work=0.5)
     wait_until(lambda: (ready(ch, "os2ds_matches") or 0) >= 1, 20, "first result")
-    t0 = time.monotonic()
     rc = worker.stop(timeout=10)
     assert rc == 0, worker.log()[-2000:]
     handled = ready(ch, "os2ds_status")

@@ -1,5 +1,4 @@
 """CPR, regex, boolean and last-modified rules (no broker)."""
-import os
 from datetime import date
 
 import pytest
