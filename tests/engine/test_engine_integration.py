@@ -1,6 +1,5 @@
 """The reference engine against a real private broker: scans, priority, robustness."""
 import random
-import time
 
 import pytest
 from faker import Faker
