@@ -1,4 +1,4 @@
-"""Publish COUNT gzip ConversionMessages to QUEUE as fast as pika goes (a load source for bench_observer)."""
+"""Publish COUNT gzip ConversionMessages to QUEUE as fast as pika goes (a load source for bench/observer_capacity.py)."""
 from __future__ import annotations
 
 import gzip

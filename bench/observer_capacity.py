@@ -1,4 +1,4 @@
-"""Observer throughput and CPU cost: ``python tests/helpers/bench_observer.py [COUNT]``.
+"""Observer capacity and CPU cost: ``python bench/observer_capacity.py [COUNT]``.
 
 A private broker, one vhost with the firehose on; a fake stage consumes queue
 ``bench`` (attributed through the launcher) while a separate process
@@ -6,9 +6,9 @@ publishes COUNT gzip ConversionMessages into it as fast as it can. The
 firehose then carries 2 x COUNT messages (publish + deliver). Reported: the
 publish rate, the rate at which the observer recorded them, how far it lagged
 behind the publisher, and the CPU seconds this process (= the observer) used
-per firehose event. Then the cost that matters: a reference-engine worker
-draining COUNT/4 prefilled conversions, with and without tracing + observer
-(twice each, alternating).
+per firehose event; then the observer's own cost per event without pika or
+the broker. What the observer costs an engine is bench/observer_overhead.py.
+Figures only, no goal of its own.
 """
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness.broker import LocalBroker  # noqa: E402
@@ -31,7 +30,7 @@ from harness.observer import Observer  # noqa: E402
 from harness.scenario import Stage  # noqa: E402
 from harness.stages import StageLauncher  # noqa: E402
 
-HERE = Path(__file__).parent
+HERE = ROOT / "tests" / "helpers"  # fake_stage.py and publish_burst.py
 
 
 def run(broker, work: Path, count: int, with_observer: bool, tracing: bool) -> dict:
@@ -79,78 +78,6 @@ def run(broker, work: Path, count: int, with_observer: bool, tracing: bool) -> d
         broker.management.delete_vhost(vhost)
 
 
-def _output_sink(broker, vhost: str, stop: threading.Event) -> None:
-    import pika
-    from harness.messages import OUTPUT_QUEUES
-
-    connection = pika.BlockingConnection(broker.connection_parameters(vhost))
-    channel = connection.channel()
-    for queue in OUTPUT_QUEUES:
-        channel.queue_declare(queue, durable=True)
-        channel.basic_consume(queue, lambda *a: None, auto_ack=True)
-    while not stop.is_set():
-        connection.process_data_events(0.1)
-    connection.close()
-
-
-def engine_run(broker, work: Path, count: int, with_observer: bool) -> dict:
-    """Reference worker draining a prefilled conversion queue, with or without tracing + observer."""
-    import pika
-
-    vhost = f"engine-{int(time.time() * 1000)}"
-    broker.management.create_vhost(vhost, tracing=with_observer)
-    history = HistoryWriter(work / f"{vhost}.jsonl")
-    observer = Observer(broker, vhost, history, ["bench_conv"]) if with_observer else None
-    launcher = StageLauncher(None, {"PRIORITY_CHECK_SECONDS": "1"}, broker, vhost, work / vhost, history, observer)
-    probe = pika.BlockingConnection(broker.connection_parameters(vhost))
-    stop_sink = threading.Event()
-    try:
-        subprocess.run([sys.executable, str(HERE / "publish_burst.py"), broker.amqp_url(vhost), "bench_conv", str(count)],
-                       capture_output=True, text=True, check=True)
-        if observer:
-            observer.start()
-        else:
-            # Without the observer something must still read the engine's output queues, as the
-            # exporter does: persistent messages piling up in queues nobody reads cost the broker disk.
-            threading.Thread(target=_output_sink, args=(broker, vhost, stop_sink), daemon=True).start()
-        channel = probe.channel()
-        me = psutil.Process()
-        launcher.start(Stage(name="worker", kind="worker", queue_priority=["bench_conv"]))
-        t_first = t_end = None
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            left = channel.queue_declare("bench_conv", passive=True).method.message_count
-            now = time.perf_counter()
-            if t_first is None and left < count:
-                t_first, cpu0 = now, me.cpu_times()
-            if left == 0:
-                t_end = now
-                break
-            probe.sleep(0.02)
-        cpu1 = me.cpu_times()
-        seconds = t_end - t_first
-        result = {"engine_drain": count, "observer": with_observer, "seconds": round(seconds, 2),
-                  "engine_rate": round(count / seconds)}
-        if observer:
-            cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-            result.update(observer_cpu_share_of_one_core=round(cpu / seconds, 2),
-                          recorded={k: v for k, v in observer.counts.items() if k in ("publish", "deliver")},
-                          outputs=observer.output_count(), max_firehose_backlog=max(
-                              (e.get("firehose_backlog") or 0) for e in history.events if e["type"] == "sample"))
-        return result
-    finally:
-        stop_sink.set()
-        launcher.stop_all(grace=5)
-        if observer:
-            observer.stop()
-        try:
-            probe.close()
-        except Exception:
-            pass
-        history.close()
-        broker.management.delete_vhost(vhost)
-
-
 def microbench(n: int = 20000) -> dict:
     """The observer's own cost per firehose message, without pika or the broker: summarise + record."""
     import gzip
@@ -189,8 +116,6 @@ def main() -> None:
             for with_observer, tracing in ((False, False), (False, True), (True, True)):
                 print(json.dumps(run(broker, Path(tmp), count, with_observer, tracing)), flush=True)
             print(json.dumps(microbench()), flush=True)
-            for with_observer in (False, True, False, True):
-                print(json.dumps(engine_run(broker, Path(tmp), count // 4, with_observer)), flush=True)
         finally:
             local.stop()
 
