@@ -46,6 +46,13 @@ class Nemesis:
         # Set by the runner: the latest planned scan of a client (a workload.PlannedScan), or None.
         self.latest_scan: Callable[[str], object | None] = lambda client: None
 
+    def _in_background(self, work: Callable[[], None], name: str) -> None:
+        """Faults that take time (a close the API must learn of, a pause, a restart) run off the
+        runner's thread; ``busy`` holds the run open until they are done."""
+        thread = threading.Thread(target=work, daemon=True, name=name)
+        self.threads.append(thread)
+        thread.start()
+
     @property
     def busy(self) -> bool:
         """A fault is still being applied in the background."""
@@ -99,9 +106,7 @@ class Nemesis:
                 self.errors.append(f"close_connection: the management API never knew connection(s) "
                                    f"{', '.join(sorted(pending))} of stage {fault.target} within {CLOSE_DEADLINE:g} s")
 
-        thread = threading.Thread(target=close, daemon=True, name="nemesis-close")
-        self.threads.append(thread)
-        thread.start()
+        self._in_background(close, "nemesis-close")
 
     def _kill_stage(self, fault: Fault) -> None:
         self.expected_exits.add(fault.target)
@@ -118,9 +123,7 @@ class Nemesis:
             self.history.record("fault", kind="resume_stage", target=fault.target, detail="end of pause_stage")
             self.launcher.kill(fault.target, signal.SIGCONT)
 
-        thread = threading.Thread(target=resume, daemon=True, name="nemesis-resume")
-        self.threads.append(thread)
-        thread.start()
+        self._in_background(resume, "nemesis-resume")
 
     def _poison(self, fault: Fault) -> None:
         body, properties = poison_body(fault.params.get("shape", "not_json"))
@@ -159,6 +162,4 @@ class Nemesis:
             except Exception as exc:  # reported through tick() on the runner's thread
                 self.errors.append(f"restart_broker: {exc}")
 
-        thread = threading.Thread(target=restart, daemon=True, name="nemesis-restart")
-        self.threads.append(thread)
-        thread.start()
+        self._in_background(restart, "nemesis-restart")

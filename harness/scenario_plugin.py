@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
+from harness.checkers import windows_for
 from harness.checkers.model import ClauseResult, Windows
 from harness.runner import EngineSettings, RunResult, ScenarioRunError, prepare_report_dir, run_scenario
 from harness.scenario import Scenario, ScenarioError, load_scenario
@@ -68,12 +69,7 @@ def windows_from(config: pytest.Config, scenario: Scenario | None = None) -> Win
     base = Windows(_number(config, "check_period", "--check-period"),
                    _number(config, "window_tolerance", "--window-tolerance"),
                    _number(config, "startup_grace", "--startup-grace"))
-    if scenario is None:
-        return base
-    checks = scenario.checks
-    return Windows(checks.check_period or base.check_period,
-                   base.tolerance if checks.tolerance is None else checks.tolerance,
-                   checks.grace or base.grace)
+    return windows_for(scenario, base)
 
 
 def engine_from(config: pytest.Config) -> EngineSettings:

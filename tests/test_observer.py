@@ -245,15 +245,6 @@ def test_an_unknown_process_is_recorded_unattributed_after_the_timeout(make_obse
         stranger.wait(10)
 
 
-def _reference_engine_available() -> bool:
-    try:
-        import reference_engine.run_stage  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _reference_engine_available(), reason="reference_engine.run_stage not importable")
 def test_a_closed_stage_connection_and_its_reconnect_are_attributed(make_observer, make_launcher, history, broker):
     observer = make_observer(["rq"])
     stages = make_launcher(command=None, observer=observer)

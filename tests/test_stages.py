@@ -164,15 +164,6 @@ def test_default_command_is_the_reference_engine():
     assert DEFAULT_COMMAND[1:] == ["-m", "reference_engine.run_stage", "{stage}"]
 
 
-def _reference_engine_available() -> bool:
-    try:
-        import reference_engine.run_stage  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _reference_engine_available(), reason="reference_engine.run_stage not importable")
 @pytest.mark.parametrize("kind, first, prefetch", [("worker", "cd", 2), ("explorer", "ed", 1)])
 def test_the_reference_engine_runs_under_the_default_command(make_launcher, broker, vhost, history, kind, first, prefetch):
     observer = Observer(broker, vhost.name, history, [first, "lower"])
