@@ -60,7 +60,7 @@ def main() -> int:
             print(f"suite run {i}/{args.n}: exit {code}, {wall:.0f} s" + (f", failed: {failed}" if failed else ""),
                   flush=True)
         verdict = "PASS" if green == args.n else "FAIL"
-        lines.append(f"RESULT suite_green_runs {green}/{args.n} runs goal =={args.n}/{args.n} {verdict}")
+        lines.append(f"RESULT suite_green_runs {green} runs goal >={args.n} {verdict}")
     if args.only in (None, "matrix"):
         passed: Counter[str] = Counter()
         seen: Counter[str] = Counter()
@@ -81,10 +81,12 @@ def main() -> int:
         clean = [n for n in seen if "conformant_engine" in n]
         detected = sum(1 for n in faults if passed[n] == seen[n] == args.n)
         quiet = sum(1 for n in clean if passed[n] == seen[n] == args.n)
-        lines.append(f"RESULT fault_rows_detected_every_run {detected}/{len(faults)} faults "
-                     f"goal =={len(faults)}/{len(faults)} {'PASS' if detected == len(faults) else 'FAIL'}")
-        lines.append(f"RESULT clean_rows_green_every_run {quiet}/{len(clean)} scenarios "
-                     f"goal =={len(clean)}/{len(clean)} {'PASS' if quiet == len(clean) else 'FAIL'}")
+        print(f"\nfault rows detected in all {args.n} runs: {detected}/{len(faults)}; "
+              f"clean rows green in all {args.n} runs: {quiet}/{len(clean)}")
+        lines.append(f"RESULT fault_rows_detected_every_run {detected} faults "
+                     f"goal >={len(faults)} {'PASS' if detected == len(faults) else 'FAIL'}")
+        lines.append(f"RESULT clean_rows_green_every_run {quiet} scenarios "
+                     f"goal >={len(clean)} {'PASS' if quiet == len(clean) else 'FAIL'}")
     print("\n".join(lines))
     return 0
 
