@@ -22,6 +22,7 @@ from urllib.parse import quote
 from typing import Callable
 
 import pika
+import psutil
 import requests
 
 from harness import watchdog
@@ -81,9 +82,9 @@ class ManagementClient:
     def exchange_exists(self, vhost: str, exchange: str) -> bool:
         return self._call("GET", "exchanges", vhost, exchange, ok=(200, 404)).status_code == 200
 
-    def create_vhost(self, vhost: str, tracing: bool = True) -> None:
+    def create_vhost(self, vhost: str, tracing: bool = True, description: str = "") -> None:
         # "tracing": true switches the firehose on for the vhost (as rabbitmqctl trace_on).
-        self._call("PUT", "vhosts", vhost, json={"tracing": tracing})
+        self._call("PUT", "vhosts", vhost, json={"tracing": tracing, "description": description})
         self._call("PUT", "permissions", vhost, self.user, json={"configure": ".*", "write": ".*", "read": ".*"})
 
     def set_tracing(self, vhost: str, on: bool = True) -> None:
@@ -93,7 +94,10 @@ class ManagementClient:
         self._call("DELETE", "vhosts", vhost, ok=(200, 204, 404))
 
     def vhosts(self) -> list[str]:
-        return [v["name"] for v in self._call("GET", "vhosts").json()]
+        return [v["name"] for v in self.vhost_records()]
+
+    def vhost_records(self) -> list[dict]:
+        return self._call("GET", "vhosts").json()
 
     def queues(self, vhost: str) -> list[dict]:
         return self._call("GET", "queues", vhost).json()
@@ -107,6 +111,61 @@ class ManagementClient:
         """Close a connection by name; False when the API does not know it (yet, or any more)."""
         response = self._call("DELETE", "connections", name, headers={"X-Reason": reason}, ok=(200, 204, 404))
         return response.status_code != 404
+
+
+# --------------------------------------------------------------------------- vhost owners
+# Each per-test vhost carries its maker in its description. On a broker the harness did not
+# start (external), a session killed with SIGKILL cannot delete its vhosts; the next session on
+# the same host finds them by that description and removes those whose maker is dead.
+
+OWNER_MARK = "made by qp-harness"
+
+
+@dataclass(frozen=True)
+class VhostOwner:
+    host: str
+    pid: int
+    started: float  # the process's start time, so that a reused pid is not taken for the maker
+
+    def description(self) -> str:
+        return f"{OWNER_MARK}: host={self.host} pid={self.pid} started={self.started:.2f}"
+
+    @classmethod
+    def this_process(cls) -> "VhostOwner":
+        return cls(socket.gethostname(), os.getpid(), psutil.Process().create_time())
+
+    @classmethod
+    def parse(cls, description: str) -> "VhostOwner | None":
+        if not description.startswith(OWNER_MARK + ": "):
+            return None
+        fields = dict(part.split("=", 1) for part in description[len(OWNER_MARK) + 2:].split() if "=" in part)
+        try:
+            return cls(fields["host"], int(fields["pid"]), float(fields["started"]))
+        except (KeyError, ValueError):
+            return None
+
+
+def process_alive(pid: int, started: float) -> bool:
+    """Is the process that started at ``started`` still running under ``pid``?"""
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+def stale_vhosts(records: list[dict], host: str, alive: Callable[[int, float], bool] = process_alive) -> list[str]:
+    """Names of the vhosts a dead qp-harness process on ``host`` left behind.
+
+    Vhosts made on other hosts are never judged: their makers cannot be seen from here.
+    """
+    stale = []
+    for record in records:
+        # RabbitMQ 3.8-3.10 give the description at the top level, 3.11+ also under "metadata"
+        description = record.get("description") or (record.get("metadata") or {}).get("description") or ""
+        owner = VhostOwner.parse(description)
+        if owner is not None and owner.host == host and not alive(owner.pid, owner.started):
+            stale.append(record["name"])
+    return sorted(stale)
 
 
 @dataclass

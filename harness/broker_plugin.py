@@ -21,7 +21,7 @@ import pika
 import pytest
 
 from harness import watchdog
-from harness.broker import Broker, BrokerError
+from harness.broker import Broker, BrokerError, VhostOwner
 from harness.providers import DEFAULT_DOCKER_IMAGE, PROVIDERS, ProviderSettings, open_provider
 
 # (option, ini key, help, default)
@@ -125,6 +125,7 @@ class VhostStats:
     broker_start: float | None = None
     provider: str | None = None
     names: list[str] = field(default_factory=list)
+    reaped: list[str] = field(default_factory=list)
 
 
 STATS = VhostStats()
@@ -140,6 +141,7 @@ def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     except BrokerError as error:
         pytest.fail(f"qp-harness: {error}", pytrace=False)
     STATS.broker_start, STATS.provider = time.monotonic() - began, provision.name
+    STATS.reaped = list(provision.reaped)
     try:
         yield provision.broker
     finally:
@@ -148,7 +150,7 @@ def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def _create_vhost(broker: Broker, label: str = "") -> str:
     name = f"qp-{worker_id()}-{label + '-' if label else ''}{secrets.token_hex(4)}"
-    broker.management.create_vhost(name, tracing=True)
+    broker.management.create_vhost(name, tracing=True, description=VhostOwner.this_process().description())
     return name
 
 
@@ -223,7 +225,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None and STATS.provider is not None:  # an xdist worker reports to the controller
         workeroutput["qp_broker_stats"] = {"provider": STATS.provider, "broker_start": STATS.broker_start,
-                                           "count": STATS.count, "seconds": STATS.seconds}
+                                           "count": STATS.count, "seconds": STATS.seconds,
+                                           "reaped": STATS.reaped}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -239,7 +242,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     runs = list(WORKER_STATS)
     if STATS.provider is not None:
         runs.append({"provider": STATS.provider, "broker_start": STATS.broker_start,
-                     "count": STATS.count, "seconds": STATS.seconds})
+                     "count": STATS.count, "seconds": STATS.seconds, "reaped": STATS.reaped})
     if not runs:
         return
     count, seconds = sum(r["count"] for r in runs), sum(r["seconds"] for r in runs)
@@ -249,3 +252,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         else f"{runs[0]['provider']} broker"
     terminalreporter.write_line(f"qp-harness: {brokers} ready in {starts} s; "
                                 f"{count} per-test vhosts, mean create+delete {mean}")
+    reaped = sorted({name for r in runs for name in r.get("reaped", [])})
+    if reaped:
+        terminalreporter.write_line(f"qp-harness: removed {len(reaped)} vhost(s) left on the broker by killed "
+                                    f"qp-harness sessions on this host: {', '.join(reaped)}")

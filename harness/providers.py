@@ -9,13 +9,15 @@ how to get each); ``open_provider`` returns a started ``Provision`` whose
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from harness.broker import PLUGINS, Broker, BrokerError, LocalBroker, find_rabbitmq_bin, readiness_problem
+from harness.broker import (PLUGINS, Broker, BrokerError, LocalBroker, find_rabbitmq_bin, readiness_problem,
+                            stale_vhosts)
 
 PROVIDERS = ("auto", "external", "docker", "local")
 DEFAULT_DOCKER_IMAGE = "rabbitmq:3.10-management"
@@ -46,6 +48,8 @@ class Provision:
 
     name = "?"
     broker: Broker
+    #: vhosts of killed sessions that ``start`` removed (external provider only)
+    reaped: tuple[str, ...] = ()
 
     def close(self) -> None:  # pragma: no cover - overridden
         pass
@@ -168,6 +172,14 @@ class ExternalProvision(Provision):
         if "administrator" not in (tags if isinstance(tags, list) else str(tags).split(",")):
             raise BrokerError(f"external broker user {self.broker.user!r} cannot create vhosts: "
                               "it needs the administrator tag")
+        self.reaped = self.remove_stale_vhosts()
+
+    def remove_stale_vhosts(self) -> tuple[str, ...]:
+        """Delete the vhosts of killed qp-harness sessions on this host (see ``stale_vhosts``)."""
+        stale = stale_vhosts(self.broker.management.vhost_records(), socket.gethostname())
+        for name in stale:
+            self.broker.management.delete_vhost(name)
+        return tuple(stale)
 
     def close(self) -> None:
         pass  # the per-test vhosts are deleted by their fixture; nothing else was touched

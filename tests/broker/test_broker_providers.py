@@ -1,12 +1,13 @@
 """Provider choice and configuration, without needing a Docker engine."""
 from __future__ import annotations
 
+import subprocess
 from unittest import mock
 
 import pytest
 
 from harness import providers
-from harness.broker import BrokerError
+from harness.broker import BrokerError, VhostOwner, process_alive, stale_vhosts
 from harness.providers import (DEFAULT_DOCKER_IMAGE, DockerProvision, DockerSpec, ProviderSettings,
                                choose_provider, docker_engine_answers, parse_amqp_url)
 
@@ -146,3 +147,42 @@ def test_bad_ini_values_are_usage_errors(inner):
     result = run.run()
     assert result.returncode == 4  # pytest's usage error, before anything starts
     assert "rabbitmq_stop must be kill or graceful" in result.stderr
+
+
+# --------------------------------------------------------------------------- vhost owners
+
+def owned(name: str, owner: VhostOwner, *, nested: bool = False) -> dict:
+    """A vhost record as the management API lists it (3.11+ nests the description in metadata)."""
+    if nested:
+        return {"name": name, "description": "", "metadata": {"description": owner.description()}}
+    return {"name": name, "description": owner.description()}
+
+
+def test_a_vhost_owner_survives_its_description():
+    me = VhostOwner.this_process()
+    assert VhostOwner.parse(me.description()) == VhostOwner(me.host, me.pid, round(me.started, 2))
+    for foreign in ("", "team vhost", "made by qp-harness: host=h pid=x started=1", "made by qp-harness: pid=1"):
+        assert VhostOwner.parse(foreign) is None
+
+
+def test_only_vhosts_of_dead_harness_processes_on_this_host_are_stale():
+    dead, living = VhostOwner("here", 101, 1000.0), VhostOwner("here", 202, 2000.0)
+    reused = VhostOwner("here", 202, 1500.0)  # the pid now belongs to a younger process
+    elsewhere = VhostOwner("there", 101, 1000.0)
+    records = [owned("qp-dead", dead), owned("qp-dead-nested", dead, nested=True), owned("qp-living", living),
+               owned("qp-reused", reused), owned("qp-elsewhere", elsewhere),
+               {"name": "/", "description": "Default virtual host"}, {"name": "team"}]
+
+    def alive(pid: int, started: float) -> bool:
+        return (pid, started) == (202, 2000.0)
+
+    assert stale_vhosts(records, "here", alive) == ["qp-dead", "qp-dead-nested", "qp-reused"]
+
+
+def test_process_alive_tells_a_live_process_from_a_dead_one_and_a_reused_pid():
+    me = VhostOwner.this_process()
+    assert process_alive(me.pid, me.started)
+    assert not process_alive(me.pid, me.started - 3600)  # same pid, another start: not the maker
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert not process_alive(child.pid, me.started)

@@ -137,3 +137,35 @@ def test_hangs(broker, vhost):
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
         kill_pids(pids)
+
+
+def test_vhosts_of_a_killed_session_on_an_external_broker_are_removed_by_the_next(broker, inner, tmp_path):
+    """SIGKILL leaves an external broker's per-test vhost behind; the next session on this host removes it."""
+    external = ("--rabbitmq-provider", "external", "--rabbitmq-url", broker.amqp_url(),
+                "--rabbitmq-management-url", broker.management_url)
+    record = tmp_path / "record.jsonl"
+    hanging = inner(RECORD + '''
+import time
+
+def test_hangs(broker, vhost):
+    record(broker, vhost)
+    time.sleep(600)
+''')
+    child = hanging.popen(*external, QP_RECORD=str(record))
+    try:
+        deadline = time.monotonic() + 60
+        while not (record.exists() and record.read_text().endswith("\n")):
+            assert child.poll() is None, child.stdout.read()
+            assert time.monotonic() < deadline, "the killed session never got going"
+            time.sleep(0.2)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(30)
+    (left,) = read_records(record)
+    assert left["vhost"] in broker.management.vhosts()  # nobody could delete it
+
+    result = inner("def test_one(broker, vhost):\n    pass\n").run(*external)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert left["vhost"] not in broker.management.vhosts()
+    assert f"removed 1 vhost(s) left on the broker by killed qp-harness sessions on this host: {left['vhost']}" \
+        in result.stdout
