@@ -43,6 +43,8 @@ class Nemesis:
         self.deleted_queues: set[str] = set()
         self.errors: list[str] = []  # from faults applied in the background
         self.aborted_scans: set[str] = set()
+        self._broker_restarting = False
+        self._broker_back_at: float | None = None
         # Set by the runner: the latest planned scan of a client (a workload.PlannedScan), or None.
         self.latest_scan: Callable[[str], object | None] = lambda client: None
 
@@ -52,6 +54,12 @@ class Nemesis:
         thread = threading.Thread(target=work, daemon=True, name=name)
         self.threads.append(thread)
         thread.start()
+
+    def broker_down_on_purpose(self, grace: float) -> bool:
+        """A restart_broker fault is under way, or ended less than ``grace`` seconds ago (the time
+        connections get to come back). Outside that window a broker that is gone is gone."""
+        back_at = self._broker_back_at
+        return self._broker_restarting or (back_at is not None and time.monotonic() - back_at < grace)
 
     @property
     def busy(self) -> bool:
@@ -154,6 +162,7 @@ class Nemesis:
         down = float(fault.params.get("seconds", 1.0))
 
         def restart() -> None:
+            self._broker_restarting = True
             try:
                 self.broker.restart(down)
                 # Tracing is per node run: switch the firehose on again for the test's vhost.
@@ -161,5 +170,8 @@ class Nemesis:
                 self.history.record("phase", name="broker_restarted", down=down)
             except Exception as exc:  # reported through tick() on the runner's thread
                 self.errors.append(f"restart_broker: {exc}")
+            finally:
+                self._broker_back_at = time.monotonic()
+                self._broker_restarting = False
 
         self._in_background(restart, "nemesis-restart")

@@ -22,7 +22,7 @@ from harness.checkers.model import ClauseResult, Windows
 from harness.flood import Flood, FloodError, progress_line
 from harness.history import HISTORY_VERSION, History, HistoryWriter
 from harness.nemesis import Nemesis, NemesisError
-from harness.observer import Observer, ObserverError
+from harness.observer import BROKER_GONE_AFTER, Observer, ObserverError
 from harness.scenario import Phase, Scenario
 from harness.stages import StageExited, StageLauncher, StageStartError
 from harness.workload import Workload
@@ -100,6 +100,7 @@ class ScenarioRun:
         self.publish_errors: list[BaseException] = []
         self._publishers: list[threading.Thread] = []
         self.flood: Flood | None = None
+        self.nemesis: Nemesis | None = None
 
     # -- the run -----------------------------------------------------------
     def run(self) -> str:
@@ -113,6 +114,7 @@ class ScenarioRun:
         nemesis = Nemesis(scenario.faults, self.broker, self.vhost, self.history, launcher, observer, self.say)
         nemesis.latest_scan = lambda client: next(
             (scan for scan in reversed(self.planned) if scan.client == client), None)
+        self.nemesis = nemesis
         reason = "error"
         try:
             observer.start()
@@ -287,8 +289,8 @@ class ScenarioRun:
 
     def _check_broker(self, observer: Observer) -> None:
         # Before the stages: a stage that exits because the broker died must not take the blame.
-        if any(fault.kind == "restart_broker" for fault in self.scenario.faults):
-            return  # the scenario takes the broker down on purpose
+        if self.nemesis is not None and self.nemesis.broker_down_on_purpose(grace=BROKER_GONE_AFTER):
+            return  # a restart_broker fault has it down, or its connections are still coming back
         problem = observer.broker_problem()
         if problem:
             raise RunEnded("broker_gone", problem)

@@ -37,6 +37,7 @@ def _qp_record_pids(request):
     if after and not _killer:
         def kill():
             time.sleep(float(after))
+            groups = list(broker.process_groups)  # as they are now: a restart_broker fault renews them
             for group in groups:
                 try:
                     os.killpg(group, signal.SIGKILL)

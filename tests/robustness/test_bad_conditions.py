@@ -109,6 +109,23 @@ def test_broker_that_dies_mid_test(child):
     child.assert_nothing_left()
 
 
+def test_broker_that_dies_after_a_planned_restart(child):
+    """A restart_broker fault takes the broker down on purpose; a real death after it is still caught."""
+    slow = {'queue_priority: robust_conversions': 'queue_priority: robust_conversions\n'
+                                                  '    env: {REFERENCE_WORK_SECONDS: "0.05"}',
+            "time_limit: 12": "time_limit: 120", "objects: 40}": "objects: 1000}",
+            "checks:": "faults:\n  - {kind: restart_broker, at: 1, params: {seconds: 1}}\nchecks:"}
+    scenario = child.add("one_worker", as_name="restarted", **slow)
+    done = child.run(scenario, "--startup-grace", "10", QP_KILL_BROKER_AFTER="25")
+    out = done.output
+    assert any(r.get("event") == "broker_killed" for r in child.records()), out
+    assert done.returncode == 1, out
+    assert "(the run ended by broker_gone)" in out, out
+    assert_no_traceback(out)
+    assert done.seconds < 60, f"the child took {done.seconds:.0f} s; the time limit was 120 s"
+    child.assert_nothing_left()
+
+
 def test_ctrl_c_during_a_flood(child):
     scenario = child.add("flood")
     proc = child.start(scenario, "--startup-grace", "10")
