@@ -33,6 +33,16 @@ def read_records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def wait_for_records(path, child, timeout: float) -> list[dict]:
+    """The child's records, once it has written a whole line (it fails if the child ends first)."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert child.poll() is None, child.stdout.read()
+        assert time.monotonic() < deadline, f"the child run never got going within {timeout:g} s"
+        time.sleep(0.2)
+    return read_records(path)
+
+
 def test_external_provider_against_a_broker_this_test_started(broker, inner, tmp_path):
     vhosts_before = sorted(broker.management.vhosts())
     run = inner(RECORD + '''
@@ -113,12 +123,7 @@ def test_hangs(broker, vhost):
     child = run.popen("--rabbitmq-provider", "local", *(["-n", "1"] if xdist else []), QP_RECORD=str(record))
     pids = []
     try:
-        deadline = time.monotonic() + 90
-        while not (record.exists() and record.read_text().endswith("\n")):
-            assert child.poll() is None, child.stdout.read()
-            assert time.monotonic() < deadline, "the child run never got going"
-            time.sleep(0.2)
-        (r,) = read_records(record)
+        (r,) = wait_for_records(record, child, timeout=90)
         pids = r["members"] + [r["stage"], r["watchdog"]] + ([r["pid"]] if xdist else [])
         assert alive(pids) == pids and len(r["members"]) >= 2
         killed_at = time.monotonic()
@@ -153,15 +158,10 @@ def test_hangs(broker, vhost):
 ''')
     child = hanging.popen(*external, QP_RECORD=str(record))
     try:
-        deadline = time.monotonic() + 60
-        while not (record.exists() and record.read_text().endswith("\n")):
-            assert child.poll() is None, child.stdout.read()
-            assert time.monotonic() < deadline, "the killed session never got going"
-            time.sleep(0.2)
+        (left,) = wait_for_records(record, child, timeout=60)
     finally:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait(30)
-    (left,) = read_records(record)
     assert left["vhost"] in broker.management.vhosts()  # nobody could delete it
 
     result = inner("def test_one(broker, vhost):\n    pass\n").run(*external)
