@@ -32,7 +32,8 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "tolerance": "the window tolerance (s); W = check_period + tolerance",
         "grace": "the start-up grace G (s)",
     },
-    "run_finished": {"reason": "why the run ended: 'complete', 'time_limit', 'error'"},
+    "run_finished": {"reason": "why the run ended: 'complete', 'time_limit', 'stage_exited', 'stage_silent', "
+                               "'broker_gone', 'error'"},
     "stage_started": {
         "stage": "stage instance name, e.g. 'worker' or 'worker#2' for replicas",
         "role": "the scenario's stage name (shared by replicas)",
@@ -52,7 +53,9 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "stage": "stage instance owning it, 'harness' for the harness's own, or null",
         "broker_ms": "the broker's timestamp_in_ms (on every event-exchange event)",
     },
-    "connection_closed": {"conn": "broker's connection pid", "name": "connection name", "stage": "owner or null"},
+    "connection_closed": {"conn": "broker's connection pid", "name": "connection name", "stage": "owner or null",
+                          "cause": "null when the broker announced the close; 'broker_down' when a "
+                                   "restart_broker fault killed the node, which announces none"},
     "channel_created": {"chan": "broker's channel pid", "conn": "connection pid", "stage": "owner or null",
                         "number": "channel number on its connection"},
     "channel_closed": {"chan": "broker's channel pid", "stage": "owner or null"},

@@ -164,6 +164,7 @@ class Nemesis:
         def restart() -> None:
             self._broker_restarting = True
             try:
+                self.observer.note_broker_down()
                 self.broker.restart(down)
                 # Tracing is per node run: switch the firehose on again for the test's vhost.
                 self.broker.management.set_tracing(self.vhost, True)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 EVENT_EXCHANGE = "amq.rabbitmq.event"
 TRACE_EXCHANGE = "amq.rabbitmq.trace"
 EVENT_KEYS = ("consumer.*", "queue.*", "connection.*", "channel.*")
+BROKER_DOWN = "qp-harness.broker_down"  # a marker the nemesis puts among the broker's events
 HARNESS = "harness"
 
 # Everything pika raises when a connection or channel goes away.
@@ -166,15 +167,18 @@ class _Worker(threading.Thread):
 class _EventWorker(_Worker):
     def setup(self) -> None:
         channel = self.connection.channel()
+        # Durable, so that it outlives a broker restart with its bindings and holds the events of
+        # stages that reconnect before we do; it expires a minute after its last consumer.
+        queue = f"{self.observer.connection_name}-events"
         try:
-            queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            channel.queue_declare(queue, durable=True, arguments={"x-expires": 60_000})
             for key in EVENT_KEYS:
                 channel.queue_bind(queue, EVENT_EXCHANGE, key)
         except pika.exceptions.ChannelClosedByBroker as exc:
             raise ObserverError(f"cannot bind to {EVENT_EXCHANGE} in vhost {self.vhost!r} "
                                 f"(is rabbitmq_event_exchange enabled?): {exc}") from None
         channel.basic_consume(queue, self._on_message, auto_ack=True)
-        self.channel = channel
+        self.channel, self.queue = channel, queue
 
     def _on_message(self, channel, method, properties, body) -> None:
         self.observer._inbox.append((time.time(), method.routing_key, properties.headers or {}))
@@ -195,6 +199,10 @@ class _EventWorker(_Worker):
             if time.monotonic() - quiet_since > self.observer.drain_quiet and not self.observer._pending:
                 break
         self.observer._process_events(flush=True)
+        try:
+            self.channel.queue_delete(self.queue)
+        except AMQP_ERRORS:
+            pass  # it expires by itself
 
 
 class _FirehoseWorker(_Worker):
@@ -645,8 +653,15 @@ class Observer:
         if changed:
             self._notify()
 
+    def note_broker_down(self) -> None:
+        """The broker is about to be killed (a restart_broker fault). A dead node announces no
+        closes, so the event thread records them: every stage connection ends now."""
+        self._inbox.append((time.time(), BROKER_DOWN, {}))
+
     def _concerns_us(self, event: tuple[float, str, dict]) -> bool:
         _, key, headers = event
+        if key == BROKER_DOWN:
+            return True
         vhost = headers.get("vhost")
         if vhost is not None:
             return vhost == self.vhost
@@ -666,6 +681,9 @@ class Observer:
     def _handle_event(self, t: float, key: str, h: dict, expired: bool, blocked: list) -> bool:
         """Record one event; False = not yet attributable (try again later)."""
         broker_ms = h.get("timestamp_in_ms")
+        if key == BROKER_DOWN:
+            self._close_everything(t)
+            return True
         if key == "connection.created":
             pid, name = h.get("pid"), h.get("name")
             port = h.get("peer_port")
@@ -690,13 +708,13 @@ class Observer:
                 return expired  # its creation is still pending; give up once expired
             if _waits_on(blocked, "connection.created", h.get("pid")):
                 return False
-            if conn["own"]:
+            if conn["own"] or not conn["open"]:  # ours, or already closed by a broker-down marker
                 return True
             with self._cond:
                 conn["open"] = False
             self._forget_port(conn["port"])
             self._record("connection_closed", t, conn=h.get("pid"), name=h.get("name"), stage=conn["stage"],
-                         broker_ms=broker_ms)
+                         broker_ms=broker_ms, cause=None)
             return True
         if key == "channel.created":
             pid, conn_pid = h.get("pid"), h.get("connection")
@@ -767,6 +785,18 @@ class Observer:
                 self._record("queue_deleted", t, queue=h.get("name"), broker_ms=broker_ms)
             return True
         return True  # an event kind we do not record
+
+    def _close_everything(self, t: float) -> None:
+        """Record the end of every open stage connection (their channels and consumers go with them)."""
+        with self._cond:
+            closing = [(pid, conn) for pid, conn in self._conns.items() if conn["open"] and not conn["own"]]
+            for _, conn in closing:
+                conn["open"] = False
+            self._consumers.clear()
+        for pid, conn in closing:
+            self._forget_port(conn["port"])
+            self._record("connection_closed", t, conn=pid, name=conn["name"], stage=conn["stage"],
+                         broker_ms=None, cause="broker_down")
 
     # ------------------------------------------------------------------ firehose (firehose thread)
     def _on_trace(self, t: float, key: str, h: dict, body: bytes) -> None:

@@ -31,6 +31,12 @@ def test_stages_survive_a_broker_restart(scenario_runner, broker):
     run = scenario_runner(f"{HERE}/broker_restart.yaml")
     assert_clauses(run, "DL-EXACTLY-ONCE", "QP-FIRST-PINNED")
     assert any(e.get("name") == "broker_restarted" for e in run.history.of("phase")), "the broker was not restarted"
+    # A killed node announces no closes: the observer records them, or the pre-restart consumers
+    # would still count as open, and QP-FIRST-PINNED would pass on them alone.
+    down = [e for e in run.history.of("connection_closed") if e.get("cause") == "broker_down"]
+    assert {e["stage"].split("#")[0] for e in down} >= {"explorer", "worker"}, down
+    assert any(e["stage"].startswith("worker") and e["queue"] == "conversions_first" and e["t"] > down[0]["t"]
+               for e in run.history.of("consumer_created")), "the worker's return to its first queue was not seen"
 
 
 @pytest.mark.clauses("DL-EXACTLY-ONCE", "QP-FIRST-PINNED")
