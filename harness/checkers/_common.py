@@ -204,7 +204,8 @@ def _start_runs_at_publish(lv: QueueLevels, history) -> None:
     later): a run of ready messages starts at the first publish into the queue after its last
     empty sample. Without this, a stage that reacts within one sample interval cancels "before"
     the work it reacts to, and its switch is not counted. Publishes stamped after the sample
-    (a late firehose) leave the run as sampled."""
+    (a late firehose) leave the run as sampled, and so do publishes more than MAX_SAMPLE_GAP
+    before it: across a gap in the samples the queue may have emptied and filled again unseen."""
     published: dict[str, list[float]] = {}
     for ev in history.of("publish"):
         if ev.get("exchange", "") == "" and ev.get("routing_key") in lv.pos:
@@ -218,7 +219,7 @@ def _start_runs_at_publish(lv: QueueLevels, history) -> None:
             i = bisect.bisect_left(zero_ends, a) - 1
             last_empty = max(zero_ends[i] if i >= 0 else float("-inf"), previous_end)
             previous_end = b
-            j = bisect.bisect_right(times, last_empty)
+            j = bisect.bisect_right(times, max(last_empty, a - MAX_SAMPLE_GAP))
             if j < len(times) and times[j] < a:
                 a = times[j]
             runs.append((a, b))

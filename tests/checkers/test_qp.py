@@ -1,6 +1,8 @@
 """QP-* checkers on hand-written histories (W = 6 s, G = 30 s)."""
 from __future__ import annotations
 
+import pytest
+
 from .builder import HB, judge, scenario
 
 
@@ -342,3 +344,18 @@ def test_a_publish_stamped_after_the_sample_does_not_move_the_work():
     hb.cancel(13.0, "worker", "q1")
     end(hb, 40)
     assert judge(hb, "QP-CANCEL-WINDOW").metrics["latency_s"]["max"] == 3.0
+
+
+def test_a_gap_in_the_samples_does_not_date_work_from_an_old_publish():
+    # The sampler is away from 9 to 30 s. A message published into q0 at 9.05 was consumed at once;
+    # q0 really filled at 29.5. The run seen at 30 dates from 29.5 (not 9.05): a 0.8 s switch.
+    hb = base().consume(2, "worker", "q1")
+    hb.levels(0, 9, {"q0": [(0, 0)], "q1": [(0, 100)]})
+    hb.levels(30, 40, {"q0": [(30, 50), (35, 0)], "q1": [(30, 100)]})
+    hb.publish(9.05, "q0", stage="harness")
+    hb.publish(29.5, "q0", stage="harness")
+    hb.cancel(30.3, "worker", "q1")
+    end(hb, 40)
+    r = judge(hb, "QP-CANCEL-WINDOW")
+    assert r.outcome == "passed", r.findings
+    assert r.metrics["latency_s"]["max"] == pytest.approx(0.8)
