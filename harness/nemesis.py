@@ -13,7 +13,7 @@ from typing import Callable
 
 import pika
 
-from harness.broker import Broker
+from harness.broker import Broker, BrokerError
 from harness.history import HistoryWriter
 from harness.flood import poison_body
 from harness.messages import encode_body
@@ -51,7 +51,13 @@ class Nemesis:
     def _in_background(self, work: Callable[[], None], name: str) -> None:
         """Faults that take time (a close the API must learn of, a pause, a restart) run off the
         runner's thread; ``busy`` holds the run open until they are done."""
-        thread = threading.Thread(target=work, daemon=True, name=name)
+        def guarded() -> None:
+            try:
+                work()
+            except Exception as exc:  # reported through tick() on the runner's thread
+                self.errors.append(f"{name.removeprefix('nemesis-')}: {exc!r}")
+
+        thread = threading.Thread(target=guarded, daemon=True, name=name)
         self.threads.append(thread)
         thread.start()
 
@@ -87,7 +93,11 @@ class Nemesis:
         handler = getattr(self, f"_{fault.kind}", None)
         if handler is None:
             raise NemesisError(f"faults.{index}.kind: unknown fault kind {fault.kind!r}")
-        handler(fault)
+        try:
+            handler(fault)
+        except (pika.exceptions.AMQPError, BrokerError, OSError) as exc:
+            # e.g. the broker is down (a restart_broker fault earlier) when this fault is due
+            raise NemesisError(f"faults.{index} ({fault.kind}): the broker refused or did not answer: {exc!r}") from None
 
     # -- the faults ----------------------------------------------------------
     def _delete_queue(self, fault: Fault) -> None:

@@ -12,6 +12,7 @@ import json
 import shutil
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -136,6 +137,10 @@ class ScenarioRun:
         except (StageStartError, ObserverError, FloodError, BrokerError) as exc:
             # The harness could not do its part (bad engine command, broker unreachable): say so plainly.
             self.problems.append(f"{type(exc).__name__}: {exc}")
+            self.say(self.problems[-1].splitlines()[0])
+        except Exception:
+            # A bug of the harness itself: the run still gets its verdict, with the traceback to report.
+            self.problems.append(f"qp-harness internal error (please report it):\n{traceback.format_exc()}")
             self.say(self.problems[-1].splitlines()[0])
         finally:
             self.history.record("phase", name="teardown")

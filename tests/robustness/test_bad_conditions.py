@@ -126,6 +126,22 @@ def test_broker_that_dies_after_a_planned_restart(child):
     child.assert_nothing_left()
 
 
+def test_fault_due_while_the_broker_is_down(child):
+    """A poison fault falls in a restart_broker outage: the run ends with a sentence, not a pika traceback."""
+    faults = ("faults:\n  - {kind: restart_broker, at: 1, params: {seconds: 4}}\n"
+              "  - {kind: poison, target: robust_conversions, at: 2}\nchecks:")
+    scenario = child.add("one_worker", as_name="poisoned_while_down",
+                         **{"time_limit: 12": "time_limit: 60", "objects: 40}": "objects: 400}", "checks:": faults})
+    done = child.run(scenario, "--startup-grace", "10")
+    out = done.output
+    assert done.returncode == 1, out
+    assert re.search(r"a fault of the scenario could not be applied: faults\.1 \(poison\): the broker refused or "
+                     r"did not answer", out), out
+    assert "(the run ended by error)" in out, out
+    assert_no_traceback(out)
+    child.assert_nothing_left()
+
+
 def test_ctrl_c_during_a_flood(child):
     scenario = child.add("flood")
     proc = child.start(scenario, "--startup-grace", "10")
