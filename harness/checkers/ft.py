@@ -124,7 +124,7 @@ def check_poison(ctx: Context) -> ClauseResult:
     harness's publishes to q within [fault - 1 s, fault + 5 s] (Unparseable ones when there are any).
     Then (a) no stage reading q exits before teardown; (b) the poison is not requeued in a loop: at
     most 2 deliveries per poison message; (c) a ProblemMessage is published (or read from an output
-    queue) after the first poison delivery; (d) while a stage holds a consumer on q and q has ready
+    queue) for each poison message, after its first delivery (see _unreported_poison); (d) while a stage holds a consumer on q and q has ready
     messages, something is delivered from q at least every 2W."""
     W = ctx.windows.W
     faults = _faults(ctx, "poison")
@@ -132,14 +132,18 @@ def check_poison(ctx: Context) -> ClauseResult:
         return ClauseResult("FT-POISON", "not_exercised", "0 poison messages")
     pubs = ctx.history.of("publish")
     findings, judged = [], 0
-    problems = [e["t"] for e in ctx.history.of("publish", "output") if (e.get("msg") or {}).get("type") == "ProblemMessage"]
+    problems = sorted(e["t"] for e in ctx.history.of("publish", "output")
+                      if (e.get("msg") or {}).get("type") == "ProblemMessage")
+    delivered: list[tuple[float, int, str, dict]] = []  # (first delivery, poison messages, queue, that delivery)
     for f in faults:
         target = f.get("target")
         queues = [target]
         if target in ctx.stages:
             queues = ctx.stages[target].priority or [s.get("read_queues") for s in ctx.stages[target].starts][0] or []
         for q in queues:
-            cand = [e for e in pubs if f["t"] - 1 <= e["t"] <= f["t"] + 5 and e.get("routing_key") == q
+            # up to 5 s after the fault, and before the next poison fault on the same target
+            until = min([f["t"] + 5] + [g["t"] for g in faults if g["t"] > f["t"] and g.get("target") == target])
+            cand = [e for e in pubs if f["t"] - 1 <= e["t"] <= until and e.get("routing_key") == q
                     and e.get("stage") in ("harness", None)]
             poison = [e for e in cand if (e.get("msg") or {}).get("type") == UNPARSEABLE] or cand[:1]
             readers = _stages_reading(ctx, q, f["t"])
@@ -165,13 +169,7 @@ def check_poison(ctx: Context) -> ClauseResult:
                     f"{ctx.rel(pdel[-1]['t'])}): it is requeued instead of rejected.",
                     pdel[0].get("stage"), [q], pdel[0]["t"], pdel[-1]["t"], pdel[:3]))
             if pdel:
-                first = pdel[0]["t"]
-                i = bisect.bisect_left(problems, first - 0.5)
-                if i >= len(problems) and ctx.end - first > W:
-                    findings.append(Finding(
-                        "FT-POISON",
-                        f"Stage {pdel[0].get('stage')} received the poison message from {q} at {ctx.rel(first)} "
-                        f"but no ProblemMessage was reported for it.", pdel[0].get("stage"), [q], first, ctx.end, pdel[:1]))
+                delivered.append((pdel[0]["t"], len(poison), q, pdel[0]))
             times = sorted(e["t"] for e in ctx.history.of("deliver") if e.get("queue") == q)
             consumed = merge(iv for sv in readers for iv in sv.on(q))
             busy = intersect(intersect(ctx.levels.pos.get(q, []), consumed), [(t0, min(ctx.teardown, ctx.end))])
@@ -184,9 +182,29 @@ def check_poison(ctx: Context) -> ClauseResult:
                         f"nothing was delivered from it for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}).",
                         None, [q], gap[0], gap[1], poison[:1]))
                     break
+    findings += _unreported_poison(ctx, delivered, problems)
     if judged == 0 and not findings:
         return ClauseResult("FT-POISON", "not_exercised", f"{len(faults)} poison faults, no poison publish into a consumed queue seen")
     return ClauseResult("FT-POISON", "failed" if findings else "passed", f"{judged} poison messages judged", findings)
+
+
+def _unreported_poison(ctx: Context, delivered, problems: list[float]) -> list[Finding]:
+    """(c) one ProblemMessage for each poison message: for every fault, the ProblemMessages from its
+    first poison delivery on (0.5 s of clock slack) must number at least the poison messages of
+    that fault and of every fault delivered after it. Not judged within W of the end of the run."""
+    delivered = sorted(delivered, key=lambda d: d[0])
+    for k in reversed(range(len(delivered))):  # the latest shortfall is the most specific
+        first, _, q, delivery = delivered[k]
+        owed = sum(n for _, n, _, _ in delivered[k:])
+        reported = len(problems) - bisect.bisect_left(problems, first - 0.5)
+        if reported < owed and ctx.end - first > ctx.windows.W:
+            stage = delivery.get("stage")
+            return [Finding("FT-POISON",
+                            f"Stage {stage} received poison from {q} at {ctx.rel(first)}: {owed} poison message(s) "
+                            f"from then on, but only {reported} ProblemMessage(s) were reported "
+                            f"({'no ProblemMessage' if reported == 0 else 'one is owed for each'}).",
+                            stage, [q], first, ctx.end, [delivery])]
+    return []
 
 
 def check_reconnect(ctx: Context) -> ClauseResult:

@@ -112,13 +112,18 @@ def test_queue_gone_not_exercised():
 
 # ---------------------------------------------------------------- FT-POISON
 
-def poison(deliveries=1, problem=True, exit_at=None):
+def poison(deliveries=1, problem=True, exit_at=None, second_poison=None):
     hb = HB().stage(0, "worker").consume(1, "worker", "q0").levels(0, 40, {"q0": [(0, 0), (10, 5), (16, 0)]})
     hb.fault(10, "poison", "q0", shape="not_json").publish(10.1, "q0", "Unparseable", stage=None)
     for k in range(deliveries):
         hb.deliver(10.2 + k * 0.5, "q0", "worker", "Unparseable", redelivered=k > 0)
     if problem:
         hb.publish(10.4, "os2ds_problems", "ProblemMessage", stage="worker")
+    if second_poison is not None:  # a second fault, missing_fields; reported or not
+        hb.fault(12, "poison", "q0", shape="missing_fields").publish(12.1, "q0", "Unparseable", stage=None)
+        hb.deliver(12.2, "q0", "worker", "Unparseable")
+        if second_poison == "reported":
+            hb.publish(12.3, "os2ds_problems", "ProblemMessage", stage="worker")
     for k in range(5):
         hb.deliver(11 + k, "q0", "worker")
     if exit_at:
@@ -139,7 +144,15 @@ def test_poison_fails_on_requeue_loop():
 
 def test_poison_fails_without_problem_report():
     r = judge(poison(problem=False), "FT-POISON")
-    assert r.outcome == "failed" and "no ProblemMessage" in r.findings[0].explanation
+    assert r.outcome == "failed" and "but only 0 ProblemMessage(s) were reported" in r.findings[0].explanation
+
+
+def test_poison_needs_a_problem_report_for_each_message():
+    assert judge(poison(second_poison="reported"), "FT-POISON").outcome == "passed"
+    r = judge(poison(second_poison="silently dropped"), "FT-POISON")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == ("Stage worker received poison from q0 at +12.2 s: 1 poison message(s) from "
+                                         "then on, but only 0 ProblemMessage(s) were reported (no ProblemMessage).")
 
 
 def test_poison_fails_when_stage_dies():
