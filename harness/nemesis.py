@@ -40,7 +40,7 @@ class Nemesis:
         self.threads: list[threading.Thread] = []
         # Stage instances a fault stopped on purpose: their exit is no error.
         self.expected_exits: set[str] = set()
-        self.deleted_queues: set[str] = set()
+        self.deleted_queues: dict[str, float] = {}  # queue -> when it was deleted (time.time())
         self.errors: list[str] = []  # from faults applied in the background
         self.aborted_scans: set[str] = set()
         self._broker_restarting = False
@@ -101,7 +101,7 @@ class Nemesis:
 
     # -- the faults ----------------------------------------------------------
     def _delete_queue(self, fault: Fault) -> None:
-        self.deleted_queues.add(fault.target)
+        self.deleted_queues[fault.target] = time.time()
         with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
             connection.channel().queue_delete(fault.target)
 

@@ -369,6 +369,7 @@ class Observer:
         self._outputs: Counter[str] = Counter()
         self._output_types: Counter[str] = Counter()
         self._results: set[tuple[Any, Any]] = set()
+        self._first_delivery: dict[tuple[str, Any, Any], float] = {}  # (queue, scan, object) -> t (firehose thread)
         self.counts: Counter[str] = Counter()  # history events recorded, by type
 
         # role -> (monotonic time the connection was lost, the error); cleared on reconnect.
@@ -543,6 +544,10 @@ class Observer:
         """Distinct (scan, object) pairs with a result: MatchesMessage or object ProblemMessage, outside os2ds_checkups."""
         with self._cond:
             return len(self._results)
+
+    def delivered_before(self, queue: str, t: float) -> set[tuple[Any, Any]]:
+        """The (scan, object) pairs whose conversion was delivered from ``queue`` before time ``t``."""
+        return {(scan, obj) for (q, scan, obj), first in list(self._first_delivery.items()) if q == queue and first < t}
 
     def answered(self) -> set[tuple[Any, Any]]:
         """The (scan, object) pairs counted by ``result_count``."""
@@ -806,8 +811,11 @@ class Observer:
         stage = self._stage_for_port(port)
         msg = self._summary(body, (h.get("properties") or {}).get("content_encoding"))
         if key.startswith("deliver."):
-            self._record("deliver", t, queue=key[len("deliver."):], stage=stage,
+            queue = key[len("deliver."):]
+            self._record("deliver", t, queue=queue, stage=stage,
                          redelivered=_as_bool(h.get("redelivered")), msg=msg, conn=h.get("connection"))
+            if msg.get("type") == "ConversionMessage":
+                self._first_delivery.setdefault((queue, msg.get("scan"), msg.get("object")), t)
         elif key.startswith("publish."):
             keys = h.get("routing_keys") or [""]
             self._record("publish", t, exchange=h.get("exchange_name", key[len("publish."):]),

@@ -205,7 +205,7 @@ class ScenarioRun:
                 later_started = True
             answered = observer.answered()
             done = len(answered & self.expected)
-            wanted = self._still_expected(answered, nemesis)
+            wanted = self._still_expected(answered, nemesis, observer)
             if not flooding and later_started and not (nemesis.pending or nemesis.busy) and done >= wanted:
                 self.say(f"all {wanted} objects have a result")
                 self._settle(launcher)
@@ -245,13 +245,15 @@ class ScenarioRun:
                 silent.append(process.name)
         return sorted(silent)
 
-    def _still_expected(self, seen: set[tuple[str, str]], nemesis: Nemesis) -> int:
-        """Objects that can still get a result: not those in a queue a fault deleted or of an aborted scan."""
+    def _still_expected(self, seen: set[tuple[str, str]], nemesis: Nemesis, observer: Observer) -> int:
+        """Objects that can still get a result: not those of an aborted scan, nor those still in a
+        queue when a fault deleted it (an object a stage took from it before that is still owed)."""
         deleted, aborted = nemesis.deleted_queues, nemesis.aborted_scans
         if not deleted and not aborted:
             return len(self.expected)
-        return sum(1 for key in self.expected
-                   if key in seen or (self.queue_of[key] not in deleted and key[0] not in aborted))
+        taken = {key for queue, t in deleted.items() for key in observer.delivered_before(queue, t)}
+        return sum(1 for key in self.expected if key in seen or (
+            key[0] not in aborted and (self.queue_of[key] not in deleted or key in taken)))
 
     def _settle(self, launcher: StageLauncher) -> None:
         # A short look after the last result, so duplicates and late cancels are seen.

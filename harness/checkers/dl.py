@@ -57,8 +57,8 @@ def tally(ctx: Context) -> Tally:
     """Results are MatchesMessages routed to os2ds_matches (from the tracer's publishes; from the
     observer's ``output`` reads when the history has no such publish). An object with no result but a
     ProblemMessage naming it (os2ds_problems) is reported, not lost. An object with no result whose
-    ConversionMessage was published to a queue that a delete_queue fault targeted is counted as
-    dropped by the fault, not lost (deleting a queue deletes its messages)."""
+    ConversionMessage was still in a queue that a delete_queue fault deleted is counted as dropped
+    by the fault, not lost (deleting a queue deletes its messages)."""
     t = Tally()
     plans = ctx.history.of("scan_planned")
     t.scans = len(plans)
@@ -72,12 +72,7 @@ def tally(ctx: Context) -> Tally:
     else:
         events = [e for e in ctx.history.of("output") if e.get("queue") in (RESULT_QUEUE, PROBLEM_QUEUE)]
         key, t.source = "queue", "read from output queues"
-    deleted = {f.get("target") for f in ctx.history.of("fault") if fault_family(f.get("kind")) == "queue_gone"}
-    if deleted:
-        for e in ctx.history.of("publish"):
-            msg = e.get("msg") or {}
-            if msg.get("type") == "ConversionMessage" and e.get("routing_key") in deleted:
-                t.gone.add((msg.get("scan"), _obj(msg.get("object"))))
+    t.gone = _dropped_with_deleted_queues(ctx)
     t.aborted = {p.get("scan") for p in ctx.history.of("phase") if p.get("name") == "scan_aborted"}
     for e in ctx.history.of("deliver"):
         msg = e.get("msg") or {}
@@ -95,6 +90,32 @@ def tally(ctx: Context) -> Tally:
         elif e.get(key) == PROBLEM_QUEUE and msg.get("type") == "ProblemMessage" and msg.get("object"):
             t.problems[k] += 1
     return t
+
+
+def _dropped_with_deleted_queues(ctx: Context) -> set:
+    """Objects whose conversion was still in a queue when a delete_queue fault deleted it: published
+    to that queue and not delivered from it before the deletion (the broker's queue_deleted, else
+    the fault). An object a stage had already taken is the stage's to finish."""
+    deleted_at: dict[str, float] = {}
+    for f in ctx.history.of("fault"):
+        if fault_family(f.get("kind")) == "queue_gone":
+            q = f.get("target")
+            seen = [e["t"] for e in ctx.history.of("queue_deleted") if e.get("queue") == q and e["t"] >= f["t"] - 1]
+            deleted_at.setdefault(q, min(seen) if seen else f["t"])
+    if not deleted_at:
+        return set()
+    taken = set()
+    for e in ctx.history.of("deliver"):
+        msg = e.get("msg") or {}
+        q = e.get("queue")
+        if q in deleted_at and e["t"] < deleted_at[q] and msg.get("type") == "ConversionMessage":
+            taken.add((msg.get("scan"), _obj(msg.get("object"))))
+    gone = set()
+    for e in ctx.history.of("publish"):
+        msg = e.get("msg") or {}
+        if msg.get("type") == "ConversionMessage" and e.get("routing_key") in deleted_at:
+            gone.add((msg.get("scan"), _obj(msg.get("object"))))
+    return gone - taken
 
 
 def _ex(keys) -> str:

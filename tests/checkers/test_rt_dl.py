@@ -193,6 +193,19 @@ def test_fault_deleted_queue_excuses_unroutable_and_lost():
     assert r.outcome == "passed" and r.metrics["dropped_by_fault"] == 1
 
 
+def test_an_object_taken_before_its_queue_was_deleted_is_still_owed():
+    # b was delivered from conv_full before the fault deleted the queue: the stage had it, and lost it.
+    hb = queues(HB(), "conv_full", "os2ds_matches").plan(0.8, "s1", ["a", "b", "c"])
+    for k, obj in enumerate("abc"):
+        hb.publish(1 + k / 10, "conv_full", scan="s1", object=obj)
+    hb.deliver(1.5, "conv_full", "worker", scan="s1", object="a").deliver(2.5, "conv_full", "worker", scan="s1", object="b")
+    hb.publish(2, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", object="a")
+    hb.fault(3, "delete_queue", "conv_full").delete(3.2, "conv_full")
+    r = judge(hb, "DL-EXACTLY-ONCE")
+    assert r.outcome == "failed" and r.metrics["lost"] == 1 and r.metrics["dropped_by_fault"] == 1
+    assert "b (s1)" in r.findings[0].explanation
+
+
 def test_routable_trusts_queue_created_over_a_stale_missing_sample():
     # the sampler re-probes a missing queue only now and then: its null at 1.05 s is stale
     hb = HB().levels(0, 0.9, {"q5": [(0, None)]}, dt=0.3).queue(1.0, "q5")
