@@ -114,7 +114,12 @@ class _Worker(threading.Thread):
         port = _local_port(self.connection)
         if port is not None:
             self.observer._own_ports.add(port)
-        self.setup()
+        try:
+            self.setup()
+        except BaseException:
+            _safe_close(self.connection)
+            self.connection = None
+            raise
 
     def setup(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -157,7 +162,7 @@ class _Worker(threading.Thread):
                 self.reconnects += 1
                 self.observer.history.record("phase", name="observer_reconnected", source=self.role)
                 return True
-            except AMQP_ERRORS as exc:
+            except (*AMQP_ERRORS, ObserverError) as exc:  # e.g. a restarted node without its event exchange yet
                 self.observer._error(f"{self.role} reconnect failed: {exc!r}")
                 self.observer._stopping.wait(delay)
                 delay = min(delay * 2, 2.0)
