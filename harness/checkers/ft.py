@@ -217,7 +217,9 @@ def check_reconnect(ctx: Context) -> ClauseResult:
     faults = [f for f in _faults(ctx, "reconnect") if f["t"] < ctx.teardown]
     if not faults:
         return ClauseResult("FT-RECONNECT", "not_exercised", "0 connection closes")
-    closes = ctx.history.of("connection_closed", "channel_closed")
+    # The fault closes connections; a channel close stands in only when no connection close was seen
+    # (a stage closing a channel of its own is not the fault taking effect).
+    conn_closes, chan_closes = ctx.history.of("connection_closed"), ctx.history.of("channel_closed")
     findings, judged = [], 0
     for f in faults:
         name = f.get("target")
@@ -226,8 +228,9 @@ def check_reconnect(ctx: Context) -> ClauseResult:
             continue
         # the broker's close, not the request (closing via the management API takes 1-3 s); a close
         # at teardown is the harness stopping the stage, not the fault taking effect
-        ev = _first_after(closes, f["t"] - 1, min(f["t"] + FAULT_EFFECT_WINDOW, ctx.teardown),
-                          lambda e: e.get("stage") == name)
+        a, b = f["t"] - 1, min(f["t"] + FAULT_EFFECT_WINDOW, ctx.teardown)
+        ev = (_first_after(conn_closes, a, b, lambda e: e.get("stage") == name)
+              or _first_after(chan_closes, a, b, lambda e: e.get("stage") == name))
         if ev is None:
             continue
         tc = ev["t"]

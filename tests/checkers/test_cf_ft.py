@@ -193,6 +193,19 @@ def test_reconnect_fails_without_first_queue():
     assert r.outcome == "failed" and "held no consumer on its first queue q0" in r.findings[0].explanation
 
 
+def test_reconnect_is_timed_from_the_connection_close_not_an_own_channel_close():
+    # The stage closes a channel of its own (and consumes on a fresh one) at 10.3, before the
+    # management API closes its connection at 12; it never consumes after that.
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").fault(10, "close_connection", "worker")
+    hb.ev(10.3, "channel_closed", chan="chan-old", stage="worker").consume(10.4, "worker", "q1")
+    hb.cancel(12, "worker", "q0").cancel(12, "worker", "q1").conn_closed(12.01, "worker")
+    hb.plan(0.5, "s1", ["a"]).publish(5, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", object="a")
+    r = judge(hb.phase(60, "teardown").finish(60.5), "FT-RECONNECT")
+    assert r.outcome == "failed"
+    assert "did not consume again within G = 30 s after the broker closed its connection at +12.0 s" in \
+        r.findings[0].explanation
+
+
 def test_reconnect_not_exercised_when_no_close_happened():
     hb = HB().stage(0, "worker").consume(1, "worker", "q0").fault(10, "close_connection", "worker")
     assert judge(hb, "FT-RECONNECT").outcome == "not_exercised"
