@@ -29,6 +29,7 @@ from harness.stages import StageExited, StageLauncher, StageStartError
 from harness.workload import Workload
 
 Progress = Callable[[str], None]
+WORKLOAD_TYPES = ("ScanSpecMessage", "ConversionMessage")  # what the flood publishes
 
 
 class ScenarioRunError(Exception):
@@ -227,7 +228,8 @@ class ScenarioRun:
         flight would look as if it was published after the stage started (not a drain)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            recorded = sum(1 for e in self.history.events if e["type"] == "publish" and e.get("stage") == "harness")
+            recorded = sum(1 for e in self.history.events if e["type"] == "publish" and e.get("stage") == "harness"
+                           and (e.get("msg") or {}).get("type") in WORKLOAD_TYPES)  # not a fault's poison or abort
             if recorded >= published:
                 return
             time.sleep(0.05)
