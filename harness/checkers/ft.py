@@ -61,6 +61,11 @@ def _silent(times: list[float], a: float, b: float, gap: float):
     return (prev, b) if b - prev > gap else None
 
 
+def _first_silence(times: list[float], intervals, gap: float):
+    """The first stretch longer than ``gap`` with no time from ``times``, inside any of ``intervals``."""
+    return next((s for a, b in intervals if (s := _silent(times, a, b, gap))), None)
+
+
 def _stages_reading(ctx: Context, queue: str, t: float):
     out = []
     for sv in ctx.stages.values():
@@ -104,16 +109,13 @@ def check_queue_gone(ctx: Context) -> ClauseResult:
                              [(td, min(ctx.teardown, ctx.end))])
             if not ctx.history.of("deliver"):
                 continue
-            times = deliv.get(sv.name, [])
-            for a, b in work:
-                gap = _silent(times, a, b, 2 * W)
-                if gap:
-                    findings.append(Finding(
-                        "FT-QUEUE-GONE",
-                        f"Stage {sv.name} received nothing for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}) after its "
-                        f"queue {q} was deleted, although {', '.join(others)} had ready messages.",
-                        sv.name, [q] + others, gap[0], gap[1], [ev]))
-                    break
+            gap = _first_silence(deliv.get(sv.name, []), work, 2 * W)
+            if gap:
+                findings.append(Finding(
+                    "FT-QUEUE-GONE",
+                    f"Stage {sv.name} received nothing for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}) after its "
+                    f"queue {q} was deleted, although {', '.join(others)} had ready messages.",
+                    sv.name, [q] + others, gap[0], gap[1], [ev]))
     if judged == 0 and not findings:
         return ClauseResult("FT-QUEUE-GONE", "not_exercised", f"{len(faults)} queue-deletion faults, none took effect on a running stage")
     return ClauseResult("FT-QUEUE-GONE", "failed" if findings else "passed", f"{judged} stage(s) judged after a queue deletion", findings)
@@ -173,15 +175,13 @@ def check_poison(ctx: Context) -> ClauseResult:
             times = sorted(e["t"] for e in ctx.history.of("deliver") if e.get("queue") == q)
             consumed = merge(iv for sv in readers for iv in sv.on(q))
             busy = intersect(intersect(ctx.levels.pos.get(q, []), consumed), [(t0, min(ctx.teardown, ctx.end))])
-            for a, b in busy:
-                gap = _silent(times, a, b, 2 * W)
-                if gap:
-                    findings.append(Finding(
-                        "FT-POISON",
-                        f"Queue {q} was blocked after the poison message: consumed and holding ready messages, yet "
-                        f"nothing was delivered from it for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}).",
-                        None, [q], gap[0], gap[1], poison[:1]))
-                    break
+            gap = _first_silence(times, busy, 2 * W)
+            if gap:
+                findings.append(Finding(
+                    "FT-POISON",
+                    f"Queue {q} was blocked after the poison message: consumed and holding ready messages, yet "
+                    f"nothing was delivered from it for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}).",
+                    None, [q], gap[0], gap[1], poison[:1]))
     findings += _unreported_poison(ctx, delivered, problems)
     if judged == 0 and not findings:
         return ClauseResult("FT-POISON", "not_exercised", f"{len(faults)} poison faults, no poison publish into a consumed queue seen")

@@ -155,6 +155,17 @@ def test_poison_needs_a_problem_report_for_each_message():
                                          "then on, but only 0 ProblemMessage(s) were reported (no ProblemMessage).")
 
 
+def test_poison_fails_when_it_blocks_the_queue():
+    # Reported, but the stage then takes nothing more from q0 while q0 holds work (stuck on the poison).
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").levels(0, 40, {"q0": [(0, 0), (10, 5)]})
+    hb.fault(10, "poison", "q0", shape="not_json").publish(10.1, "q0", "Unparseable", stage=None)
+    hb.deliver(10.2, "q0", "worker", "Unparseable").publish(10.4, "os2ds_problems", "ProblemMessage", stage="worker")
+    r = judge(hb.phase(40, "teardown").finish(40.5), "FT-POISON")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == ("Queue q0 was blocked after the poison message: consumed and holding ready "
+                                         "messages, yet nothing was delivered from it for 29.8 s (+10.2..+40.0 s).")
+
+
 def test_poison_fails_when_stage_dies():
     r = judge(poison(exit_at=10.5), "FT-POISON")
     assert r.outcome == "failed" and r.findings[0].explanation.startswith("Stage worker exited (code -11) at +10.5 s")
