@@ -16,9 +16,11 @@ from harness.scenario import parse_scenario
 from harness.workload import (BLACKLIST, CPR_LIKE, TIME_FORMAT, Workload, century_of, is_valid_cpr,
                               make_cpr)
 
-# The captured wire examples (ENGINE_CONTRACT.md section 4) live beside the clone, in ../shared.
-WIRE_EXAMPLES = Path(os.environ.get("QP_WIRE_EXAMPLES",
-                                    Path(__file__).resolve().parents[2] / "shared" / "wire-examples"))
+# The captured wire examples (ENGINE_CONTRACT.md section 4): $QP_WIRE_EXAMPLES, else ../shared beside
+# this clone, else the project's shared folder on the team's machines.
+WIRE_EXAMPLE_DIRS = [Path(os.environ["QP_WIRE_EXAMPLES"])] if "QP_WIRE_EXAMPLES" in os.environ else [
+    Path(__file__).resolve().parents[2] / "shared" / "wire-examples", Path("/work/shared/wire-examples")]
+WIRE_EXAMPLES = next((d for d in WIRE_EXAMPLE_DIRS if d.is_dir()), WIRE_EXAMPLE_DIRS[0])
 
 # Their key structure (key -> type name, recursively), kept in the repository so that the shape
 # tests run in a clone without ../shared; checked against the examples whenever they are there.
@@ -231,7 +233,7 @@ def test_conversions_have_the_wire_shape(tmp_path):
     assert message["progress"] == {"rule": message["scan_spec"]["rule"], "matches": []}
 
 
-@pytest.mark.skipif(not WIRE_EXAMPLES.is_dir(), reason="wire examples not available")
+@pytest.mark.skipif(not WIRE_EXAMPLES.is_dir(), reason="wire examples not found (set QP_WIRE_EXAMPLES)")
 @pytest.mark.parametrize("name", sorted(WIRE_SHAPES))
 def test_embedded_shapes_match_the_captured_examples(name):
     assert shape(json.loads((WIRE_EXAMPLES / f"{name}.json").read_text())) == WIRE_SHAPES[name]
