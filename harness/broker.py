@@ -145,15 +145,8 @@ class VhostOwner:
             return None
 
 
-def process_alive(pid: int, started: float) -> bool:
-    """Is the process that started at ``started`` still running under ``pid``?"""
-    try:
-        return abs(psutil.Process(pid).create_time() - started) < 1.0
-    except psutil.Error:
-        return False
-
-
-def stale_vhosts(records: list[dict], host: str, alive: Callable[[int, float], bool] = process_alive) -> list[str]:
+def stale_vhosts(records: list[dict], host: str,
+                 alive: Callable[[int, float], bool] = watchdog.process_alive) -> list[str]:
     """Names of the vhosts a dead qp-harness process on ``host`` left behind.
 
     Vhosts made on other hosts are never judged: their makers cannot be seen from here.

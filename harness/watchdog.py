@@ -200,7 +200,8 @@ def _killpg(pgid: int, sig: int) -> None:
 
 # --------------------------------------------------------------------------- watchdog process
 
-def _owner_alive(pid: int, ctime: float) -> bool:
+def process_alive(pid: int, ctime: float) -> bool:
+    """Is the process that started at ``ctime`` still running under ``pid`` (not a reused pid)?"""
     try:
         proc = psutil.Process(pid)
         return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - ctime) < 0.01
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    while not stop.is_set() and all(_owner_alive(pid, ctime) for pid, ctime in owners):
+    while not stop.is_set() and all(process_alive(pid, ctime) for pid, ctime in owners):
         stop.wait(POLL_INTERVAL)
     stop_groups(_read_registry(args.registry))
     return 0

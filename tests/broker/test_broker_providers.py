@@ -7,7 +7,8 @@ from unittest import mock
 import pytest
 
 from harness import providers
-from harness.broker import BrokerError, VhostOwner, process_alive, stale_vhosts
+from harness.broker import BrokerError, VhostOwner, stale_vhosts
+from harness.watchdog import process_alive
 from harness.providers import (DEFAULT_DOCKER_IMAGE, DockerProvision, DockerSpec, ProviderSettings,
                                choose_provider, docker_engine_answers, parse_amqp_url)
 
