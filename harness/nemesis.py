@@ -48,16 +48,17 @@ class Nemesis:
         # Set by the runner: the latest planned scan of a client (a workload.PlannedScan), or None.
         self.latest_scan: Callable[[str], object | None] = lambda client: None
 
-    def _in_background(self, work: Callable[[], None], name: str) -> None:
+    def _in_background(self, work: Callable[[], None], kind: str) -> None:
         """Faults that take time (a close the API must learn of, a pause, a restart) run off the
-        runner's thread; ``busy`` holds the run open until they are done."""
+        runner's thread; ``busy`` holds the run open until they are done, and their errors reach
+        the runner through tick()."""
         def guarded() -> None:
             try:
                 work()
-            except Exception as exc:  # reported through tick() on the runner's thread
-                self.errors.append(f"{name.removeprefix('nemesis-')}: {exc!r}")
+            except Exception as exc:
+                self.errors.append(f"{kind}: {exc!r}")
 
-        thread = threading.Thread(target=guarded, daemon=True, name=name)
+        thread = threading.Thread(target=guarded, daemon=True, name=f"nemesis-{kind}")
         self.threads.append(thread)
         thread.start()
 
@@ -124,7 +125,7 @@ class Nemesis:
                 self.errors.append(f"close_connection: the management API never knew connection(s) "
                                    f"{', '.join(sorted(pending))} of stage {fault.target} within {CLOSE_DEADLINE:g} s")
 
-        self._in_background(close, "nemesis-close")
+        self._in_background(close, "close_connection")
 
     def _kill_stage(self, fault: Fault) -> None:
         self.expected_exits.add(fault.target)
@@ -141,7 +142,7 @@ class Nemesis:
             self.history.record("fault", kind="resume_stage", target=fault.target, detail="end of pause_stage")
             self.launcher.kill(fault.target, signal.SIGCONT)
 
-        self._in_background(resume, "nemesis-resume")
+        self._in_background(resume, "pause_stage")
 
     def _poison(self, fault: Fault) -> None:
         body, properties = poison_body(fault.params.get("shape", "not_json"))
@@ -179,10 +180,8 @@ class Nemesis:
                 # Tracing is per node run: switch the firehose on again for the test's vhost.
                 self.broker.management.set_tracing(self.vhost, True)
                 self.history.record("phase", name="broker_restarted", down=down)
-            except Exception as exc:  # reported through tick() on the runner's thread
-                self.errors.append(f"restart_broker: {exc}")
             finally:
                 self._broker_back_at = time.monotonic()
                 self._broker_restarting = False
 
-        self._in_background(restart, "nemesis-restart")
+        self._in_background(restart, "restart_broker")
