@@ -123,11 +123,12 @@ def check_queue_gone(ctx: Context) -> ClauseResult:
 
 def check_poison(ctx: Context) -> ClauseResult:
     """Rule, per poison fault on queue q (or on a stage: its read queues): the poison messages are the
-    harness's publishes to q within [fault - 1 s, fault + 5 s] (Unparseable ones when there are any).
-    Then (a) no stage reading q exits before teardown; (b) the poison is not requeued in a loop: at
-    most 2 deliveries per poison message; (c) a ProblemMessage is published (or read from an output
-    queue) for each poison message, after its first delivery (see _unreported_poison); (d) while a stage holds a consumer on q and q has ready
-    messages, something is delivered from q at least every 2W."""
+    harness's publishes to q within [fault - 1 s, fault + 5 s], cut short by the next poison fault on
+    the same target (Unparseable ones when there are any). Then (a) no stage reading q exits before
+    teardown; (b) the poison is not requeued in a loop: at most 2 deliveries per poison message;
+    (c) a ProblemMessage is published (or read from an output queue) for each poison message, after
+    its first delivery (see _unreported_poison); (d) while a stage holds a consumer on q and q has
+    ready messages, something is delivered from q at least every 2W."""
     W = ctx.windows.W
     faults = _faults(ctx, "poison")
     if not faults:
