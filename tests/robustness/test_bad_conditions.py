@@ -19,6 +19,13 @@ from harness.broker import find_rabbitmq_bin
 pytestmark = pytest.mark.skipif(find_rabbitmq_bin() is None, reason="rabbitmq-server is not installed")
 
 
+def slow_worker(time_limit: int, objects: int, **more: str) -> dict[str, str]:
+    """Substitutions for one_worker.yaml: a worker taking 0.05 s a message, more work, another time limit."""
+    return {"queue_priority: robust_conversions": "queue_priority: robust_conversions\n"
+                                                  '    env: {REFERENCE_WORK_SECONDS: "0.05"}',
+            "time_limit: 12": f"time_limit: {time_limit}", "objects: 40}": f"objects: {objects}}}", **more}
+
+
 def test_engine_command_that_does_not_exist(child):
     scenario = child.add("one_worker")
     done = child.run("--engine-cmd", "/nonexistent/qp-no-such-engine {stage}", "--startup-grace", "3", scenario)
@@ -88,9 +95,7 @@ def test_stage_that_hangs_is_ended_by_the_time_limit_and_named(child):
 
 def test_broker_that_dies_mid_test(child):
     """The child SIGKILLs its local broker 4 s into the first of two scenarios (child_conftest.py)."""
-    slow = {'queue_priority: robust_conversions': 'queue_priority: robust_conversions\n'
-                                                  '    env: {REFERENCE_WORK_SECONDS: "0.05"}',
-            "time_limit: 12": "time_limit: 60", "objects: 40}": "objects: 400}"}
+    slow = slow_worker(time_limit=60, objects=400)
     first = child.add("one_worker", as_name="a_first", **slow)
     second = child.add("one_worker", as_name="b_second", **slow)
     done = child.run(first, second, "--startup-grace", "10", QP_KILL_BROKER_AFTER="4")
@@ -111,10 +116,8 @@ def test_broker_that_dies_mid_test(child):
 
 def test_broker_that_dies_after_a_planned_restart(child):
     """A restart_broker fault takes the broker down on purpose; a real death after it is still caught."""
-    slow = {'queue_priority: robust_conversions': 'queue_priority: robust_conversions\n'
-                                                  '    env: {REFERENCE_WORK_SECONDS: "0.05"}',
-            "time_limit: 12": "time_limit: 120", "objects: 40}": "objects: 1000}",
-            "checks:": "faults:\n  - {kind: restart_broker, at: 1, params: {seconds: 1}}\nchecks:"}
+    slow = slow_worker(time_limit=120, objects=1000,
+                       **{"checks:": "faults:\n  - {kind: restart_broker, at: 1, params: {seconds: 1}}\nchecks:"})
     scenario = child.add("one_worker", as_name="restarted", **slow)
     done = child.run(scenario, "--startup-grace", "10", QP_KILL_BROKER_AFTER="25")
     out = done.output
@@ -178,9 +181,7 @@ def test_external_broker_that_dies_mid_test(child, tmp_path):
     local = LocalBroker(tmp_path / "external-rabbitmq")
     broker = local.start()
     try:
-        slow = {'queue_priority: robust_conversions': 'queue_priority: robust_conversions\n'
-                                                      '    env: {REFERENCE_WORK_SECONDS: "0.05"}',
-                "time_limit: 12": "time_limit: 60", "objects: 40}": "objects: 400}"}
+        slow = slow_worker(time_limit=60, objects=400)
         first = child.add("one_worker", as_name="a_first", **slow)
         second = child.add("one_worker", as_name="b_second", **slow)
         proc = child.start(first, second, "--rabbitmq-provider", "external", "--rabbitmq-url", broker.amqp_url(),
