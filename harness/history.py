@@ -100,7 +100,19 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "via": "'explorer' (a ScanSpecMessage) or 'conversions' (ConversionMessages published directly)",
     },
     "fault": {"kind": "fault kind", "target": "stage, queue or client", "detail": "which fault of the scenario",
-              "params": "the fault's parameters"},
+              "params": "the fault's parameters", "name": "the fault's name in the scenario, or null"},
+    "hold": {"phase": "'workload.N'", "name": "the phase's name or null", "state": "'started' or 'ended'",
+             "queue": "the queue kept filled", "depth": "the ready count it is kept at or above",
+             "seconds": "(started) how long it is held",
+             "published": "(ended) messages published by the hold", "top_ups": "(ended) publishes it took",
+             "shortfalls": "(ended) samples that found the queue below depth (the engine outran a top-up)",
+             "final_target": "(ended) the level the hold aimed at last", "stopped_early": "(ended) why it "
+             "ended before its time, or null"},
+    "calibration": {"stage": "the stage measured before a drain (one instance, on a vhost of its own)",
+                    "queue": "the queue it consumed", "rate": "messages per second, one instance",
+                    "messages": "messages the measurement spans", "seconds": "how long they took",
+                    "phase": "'workload.N', the backlog sized from it", "lasting": "how long that backlog "
+                    "should last (s)", "sized": "objects (scan specs, via explorer) the backlog got"},
     "phase": {"name": "a marker: 'stages_ready', 'workload.N', 'flood_done', 'teardown', 'observer_reconnected', ..."},
 }
 

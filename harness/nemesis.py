@@ -18,6 +18,7 @@ from harness.history import HistoryWriter
 from harness.flood import poison_body
 from harness.messages import encode_body
 from harness.scenario import Fault
+from harness.schedule import BrokerState, is_due
 
 
 CLOSE_DEADLINE = 15.0  # seconds to get a connection closed through the management API
@@ -73,23 +74,21 @@ class Nemesis:
         """A fault is still being applied in the background."""
         return any(t.is_alive() for t in self.threads)
 
-    def tick(self, elapsed: float) -> None:
+    def tick(self, elapsed: float, state: BrokerState) -> list[str]:
+        """Apply the faults that are due (schedule.is_due); returns the names of those applied."""
         if self.errors:
             raise NemesisError(self.errors[0])
+        applied = []
         for index, fault in list(self.pending):
-            if self._due(fault, elapsed):
+            if is_due(fault.at, fault.when, elapsed, state):
                 self.pending.remove((index, fault))
                 self.apply(index, fault)
-
-    def _due(self, fault: Fault, elapsed: float) -> bool:
-        if fault.when is not None:
-            ready = self.observer.ready(fault.when.queue)
-            return ready is not None and ready >= fault.when.ready_at_least and elapsed >= fault.at
-        return elapsed >= fault.at
+                applied += [f"faults.{index}"] + ([fault.name] if fault.name else [])
+        return applied
 
     def apply(self, index: int, fault: Fault) -> None:
         self.history.record("fault", kind=fault.kind, target=fault.target, detail=f"faults.{index}",
-                            params=fault.params)
+                            params=fault.params, name=fault.name)
         self.say(f"fault faults.{index}: {fault.kind} {fault.target or ''}".rstrip())
         handler = getattr(self, f"_{fault.kind}", None)
         if handler is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.broker import Broker, BrokerError
+from harness.calibration import CalibrationError, Pace, calibrate, make_messages_for
 from harness.checkers import CLAUSE_IDS, check_all
 from harness.checkers.model import ClauseResult, Windows
 from harness.flood import Flood, FloodError, progress_line
@@ -25,6 +26,7 @@ from harness.history import HISTORY_VERSION, History, HistoryWriter
 from harness.nemesis import Nemesis, NemesisError
 from harness.observer import BROKER_GONE_AFTER, Observer, ObserverError
 from harness.scenario import Phase, Scenario
+from harness.schedule import Happenings, HoldController, backlog_size, is_due, stage_matches
 from harness.stages import StageExited, StageLauncher, StageStartError
 from harness.workload import Workload
 
@@ -98,6 +100,12 @@ class ScenarioRun:
         self.expected: set[tuple[str, str]] = set()
         self.queue_of: dict[tuple[str, str], str] = {}  # planned object -> its conversion queue
         self.planned: list = []  # workload.PlannedScan, in publishing order
+        self._plan_lock = threading.Lock()  # holds plan scans on publisher threads
+        self.happenings = Happenings()  # named phases and faults that have happened (when: {after: ...})
+        self.holds: dict[int, HoldController] = {}
+        self.backlog_objects: dict[int, int] = {}  # phase index -> objects (or specs) of a lasting backlog
+        self._phase_threads: dict[int, list[threading.Thread]] = {}
+        self._observer: Observer | None = None
         self.problems: list[str] = []
         self.publish_errors: list[BaseException] = []
         self._publishers: list[threading.Thread] = []
@@ -121,6 +129,8 @@ class ScenarioRun:
         try:
             observer.start()
             self.workload = Workload(scenario, self.data_dir)
+            self._size_backlogs()
+            self._observer = observer
             self.flood = Flood(self.broker.connection_parameters(self.vhost),
                                progress=lambda p: self.say(progress_line(p)))
             first = [s for s in scenario.stages if s.start == "immediately"]
@@ -135,7 +145,7 @@ class ScenarioRun:
             reason = ended.reason
             self.problems.append(ended.problem)
             self.say(ended.problem.splitlines()[0])
-        except (StageStartError, ObserverError, FloodError, BrokerError) as exc:
+        except (StageStartError, ObserverError, FloodError, BrokerError, CalibrationError) as exc:
             # The harness could not do its part (bad engine command, broker unreachable): say so plainly.
             self.problems.append(f"{type(exc).__name__}: {exc}")
             self.say(self.problems[-1].splitlines()[0])
@@ -191,21 +201,25 @@ class ScenarioRun:
             if self.publish_errors:
                 raise RunEnded("error", f"publishing the workload failed: {self.publish_errors[0]}")
             for index, phase in list(pending):
-                if self._phase_due(phase, now - started, observer):
+                if is_due(phase.at, phase.when, now - started, self):
                     pending.remove((index, phase))
                     self._launch_phase(index, phase)
+            self._tick_holds(observer)
+            self._note_finished_phases()
             try:
-                nemesis.tick(now - started)
+                for name in nemesis.tick(now - started, self):
+                    self.happenings.add(name)
             except (NemesisError, KeyError) as exc:
                 raise RunEnded("error", f"a fault of the scenario could not be applied: {exc}") from None
-            flooding = pending or any(t.is_alive() for t in self._publishers)
+            flooding = bool(pending) or self._publishing()
             if not flooding and not later_started:
                 self.history.record("phase", name="flood_done")
                 self._wait_for_firehose(self.flood.totals.sent)
                 self._start_stages(launcher, observer, later)
                 later_started = True
             answered = observer.answered()
-            done = len(answered & self.expected)
+            with self._plan_lock:
+                done = len(answered & self.expected)
             wanted = self._still_expected(answered, nemesis, observer)
             if not flooding and later_started and not (nemesis.pending or nemesis.busy) and done >= wanted:
                 self.say(f"all {wanted} objects have a result")
@@ -220,6 +234,17 @@ class ScenarioRun:
                                          f"delivery in the last {self.windows.W:g} s: {', '.join(silent)}")
                 return "time_limit"
             time.sleep(0.05)
+
+    # -- what triggers look at (schedule.BrokerState) ------------------------
+    def ready(self, queue: str) -> int | None:
+        return self._observer.ready(queue)
+
+    def consuming(self, stage: str, queue: str) -> bool:
+        return any(stage_matches(stage, instance) and queue in queues
+                   for instance, queues in self._observer.consuming_stages().items())
+
+    def happened(self, name: str) -> bool:
+        return name in self.happenings
 
     def _wait_for_firehose(self, published: int, timeout: float = 10.0) -> None:
         """Before a drain's stage starts, let the observer record every publish of the backlog.
@@ -251,10 +276,12 @@ class ScenarioRun:
         """Objects that can still get a result: not those of an aborted scan, nor those still in a
         queue when a fault deleted it (an object a stage took from it before that is still owed)."""
         deleted, aborted = nemesis.deleted_queues, nemesis.aborted_scans
+        with self._plan_lock:
+            expected = list(self.expected)
         if not deleted and not aborted:
-            return len(self.expected)
+            return len(expected)
         taken = {key for queue, t in deleted.items() for key in observer.delivered_before(queue, t)}
-        return sum(1 for key in self.expected if key in seen or (
+        return sum(1 for key in expected if key in seen or (
             key[0] not in aborted and (self.queue_of[key] not in deleted or key in taken)))
 
     def _settle(self, launcher: StageLauncher) -> None:
@@ -265,29 +292,101 @@ class ScenarioRun:
             time.sleep(0.05)
 
     # -- workload ----------------------------------------------------------
-    def _phase_due(self, phase: Phase, elapsed: float, observer: Observer) -> bool:
-        if phase.when is not None:
-            ready = observer.ready(phase.when.queue)
-            return ready is not None and ready >= phase.when.ready_at_least
-        return elapsed >= phase.at
+    def _size_backlogs(self) -> None:
+        """Measure the pace of each drain's stage, and size its ``lasting`` backlogs from it."""
+        paces: dict[tuple[str, str], Pace] = {}
+        for index, phase in enumerate(self.scenario.workload):
+            if phase.lasting is None:
+                continue
+            stage = self.scenario.drained_by(self.scenario.target_queue(phase))[0]
+            key = (stage.name, phase.via)
+            if key not in paces:
+                paces[key] = calibrate(stage, make_messages_for(self.workload, index, phase), self.broker,
+                                       self.vhost, self.engine, self.report_dir / "calibration", self.windows.G,
+                                       self.say)
+            pace, seconds = paces[key], phase.lasting.resolve(self.windows.W)
+            self.backlog_objects[index] = backlog_size(pace.rate, seconds, stage.replicas)
+            self.history.record("calibration", **pace.as_event(), phase=f"workload.{index}",
+                                lasting=seconds, sized=self.backlog_objects[index])
+            self.say(f"{stage.name} handles about {pace.rate:.1f} msg/s on {pace.queue}: workload.{index} gets "
+                     f"{self.backlog_objects[index]} to last {seconds:g} s")
 
     def _launch_phase(self, index: int, phase: Phase) -> None:
-        planned = self.workload.plan(index)
-        messages: list[tuple[str, Any]] = []
-        for scan in planned:
-            self.planned.append(scan)
-            self.history.record("scan_planned", **scan.as_event())
-            for obj in scan.objects:
-                self.expected.add((scan.scan, obj))
-                self.queue_of[(scan.scan, obj)] = scan.conversion_queue
-            messages += scan.messages
+        if phase.hold is not None:
+            queue = self.scenario.target_queue(phase)
+            self.holds[index] = hold = HoldController.for_hold(phase.hold, queue, time.monotonic(), self.windows.W)
+            self._phase_threads.setdefault(index, [])
+            self.history.record("hold", phase=f"workload.{index}", name=phase.name, state="started", queue=queue,
+                                depth=hold.depth, seconds=phase.hold.resolve(self.windows.W))
+            self.say(f"workload.{index}: holding {queue} at {hold.depth}+ ready for {phase.hold.describe()}")
+            return
+        if phase.lasting is not None:
+            count = self.backlog_objects[index]
+            planned = ([self.workload.plan_scan(index, 0, objects=count)] if phase.via == "conversions"
+                       else [self.workload.plan_scan(index, number) for number in range(count)])
+        else:
+            planned = self.workload.plan(index)
+        messages = self._register(planned)
         self.history.record("phase", name=f"workload.{index}", client=phase.client, mode=phase.mode,
                             messages=len(messages))
         self.say(f"workload.{index}: {len(planned)} {phase.mode} scan(s) of {phase.client}, {len(messages)} message(s)")
-        thread = threading.Thread(target=self._publish, args=(messages, phase.rate), daemon=True,
-                                  name=f"flood-{index}")
+        self._start_publisher(index, lambda: self._publish(messages, phase.rate))
+
+    def _register(self, planned: list) -> list[tuple[str, Any]]:
+        """Record planned scans in the history and in what the run waits for; their messages in order."""
+        messages: list[tuple[str, Any]] = []
+        with self._plan_lock:
+            for scan in planned:
+                self.planned.append(scan)
+                self.history.record("scan_planned", **scan.as_event())
+                for obj in scan.objects:
+                    self.expected.add((scan.scan, obj))
+                    self.queue_of[(scan.scan, obj)] = scan.conversion_queue
+                messages += scan.messages
+        return messages
+
+    def _start_publisher(self, index: int, work: Callable[[], None]) -> None:
+        thread = threading.Thread(target=work, daemon=True, name=f"flood-{index}")
         self._publishers.append(thread)
+        self._phase_threads.setdefault(index, []).append(thread)
         thread.start()
+
+    def _tick_holds(self, observer: Observer) -> None:
+        for index, hold in self.holds.items():
+            count = hold.top_up(time.monotonic(), observer.ready(hold.queue), observer.samples)
+            if count:
+                self._start_publisher(index, lambda index=index, hold=hold, count=count:
+                                      self._top_up(index, hold, count, observer))
+
+    def _top_up(self, index: int, hold: HoldController, count: int, observer: Observer) -> None:
+        phase = self.scenario.workload[index]
+        first = hold.published  # scan numbers: one per message published so far, so never reused
+        try:
+            if phase.via == "conversions":
+                planned = [self.workload.plan_scan(index, first, objects=count)]
+            else:
+                planned = [self.workload.plan_scan(index, first + k) for k in range(count)]
+            self._publish(self._register(planned), None)
+        finally:
+            hold.confirmed(count, observer.samples)
+
+    def _note_finished_phases(self) -> None:
+        """Phases whose publishing is over: a hold past its end, every publisher thread done."""
+        for index, threads in self._phase_threads.items():
+            phase = self.scenario.workload[index]
+            hold = self.holds.get(index)
+            if f"workload.{index}" in self.happenings or (hold is not None and hold.active(time.monotonic())):
+                continue
+            if not any(t.is_alive() for t in threads):
+                self.happenings.add(f"workload.{index}")
+                self.happenings.add(phase.name)
+                if hold is not None:
+                    self.history.record("hold", phase=f"workload.{index}", name=phase.name, state="ended",
+                                        **hold.summary())
+
+    def _publishing(self) -> bool:
+        now = time.monotonic()
+        return any(t.is_alive() for t in self._publishers) or any(h.active(now) for h in self.holds.values())
 
     def _publish(self, messages: list[tuple[str, Any]], rate: float | None) -> None:
         try:

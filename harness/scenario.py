@@ -57,6 +57,8 @@ QueueName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-
                       AfterValidator(_queue_name)]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 Seconds = Annotated[float, Field(ge=0.0)]
+# Names of phases and faults, for triggers and reports: free text such as "burst into middle".
+Label = Annotated[str, Field(min_length=1, max_length=80, pattern=r"^\S(.*\S)?$")]
 
 
 class Strict(BaseModel):
@@ -126,19 +128,85 @@ class Stage(Strict):
 
 
 class Trigger(Strict):
-    """Start a phase when a queue holds at least this many ready messages."""
+    """A state of the run, observed at the broker; every condition given must hold at once.
 
-    queue: QueueName
-    ready_at_least: Annotated[int, Field(ge=1)]
+    - ``queue`` + ``ready_at_least``: that queue holds at least so many ready messages;
+    - ``stage`` + ``consuming``: the stage (any replica, or one instance such as ``worker#2``)
+      holds a consumer on that queue;
+    - ``after``: the phase or fault of that name has happened (a phase has published everything,
+      or its hold has ended; a fault has been applied).
+    """
+
+    queue: QueueName | None = None
+    ready_at_least: Annotated[int, Field(ge=1)] | None = None
+    stage: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+    consuming: QueueName | None = None
+    after: Label | None = None
+
+    @model_validator(mode="after")
+    def pairs(self) -> "Trigger":
+        problems = []
+        if (self.queue is None) != (self.ready_at_least is None):
+            problems.append("@ready_at_least: 'queue' and 'ready_at_least' go together" if self.queue is not None
+                            else "@queue: 'ready_at_least' needs the 'queue' it counts")
+        if (self.stage is None) != (self.consuming is None):
+            problems.append("@consuming: 'stage' needs the queue it is 'consuming'" if self.stage is not None
+                            else "@stage: 'consuming' needs the 'stage' that consumes")
+        if self.queue is None and self.stage is None and self.after is None:
+            problems.append("@queue: a trigger needs a condition: queue + ready_at_least, stage + consuming, "
+                            "or after")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def queues(self) -> list[str]:
+        return [q for q in (self.queue, self.consuming) if q is not None]
+
+
+class Duration(Strict):
+    """How long, in seconds or in windows W (the check period plus tolerance of the run)."""
+
+    seconds: Annotated[float, Field(gt=0, le=3600)] | None = None
+    windows: Annotated[float, Field(gt=0, le=600)] | None = None
+
+    @model_validator(mode="after")
+    def one_unit(self) -> "Duration":
+        if (self.seconds is None) == (self.windows is None):
+            raise ValueError("@windows: give either 'seconds' or 'windows' (multiples of W), not both or neither")
+        return self
+
+    def resolve(self, window: float) -> float:
+        """Seconds, with ``window`` = the run's W."""
+        return self.seconds if self.seconds is not None else self.windows * window
+
+    def describe(self) -> str:
+        return f"{self.seconds:g} s" if self.seconds is not None else f"{self.windows:g} W"
+
+
+class Hold(Duration):
+    """Keep a queue non-empty for a while, topping it up at whatever pace the engine consumes it.
+
+    The harness reads the queue's ready count as the observer samples it and publishes more work
+    whenever it drops below the target, so a fast and a slow engine meet the same situation.
+    """
+
+    queue: QueueName | None = None  # the queue the phase publishes into; written out for readers
+    depth_at_least: Annotated[int, Field(ge=1, le=10_000)] = 10
 
 
 class Phase(Strict):
-    """Part of the workload: scans of one client, published at a time or on a trigger.
+    """Part of the workload: scans of one client, published when due.
 
-    ``at`` (seconds after the stages are ready) and ``when`` (a queue trigger) are
-    alternatives: a phase gives one of them, or neither (published at once).
+    A phase is due ``at`` seconds after the stages consume, once its ``when`` trigger holds (both,
+    when both are given). What it publishes is one of:
+    - ``scans`` scans of ``objects`` objects each (fixed counts);
+    - a backlog ``lasting`` a given time at the measured pace of the stage that drains it (its
+      stage starts after the workload; the harness measures that stage's pace first);
+    - a ``hold``: the phase's queue is kept non-empty for a while, topped up closed-loop.
     """
 
+    name: Label | None = None
     client: Name
     mode: Literal["full", "delta"] = "full"
     scans: Annotated[int, Field(ge=1, le=1000)] = 1
@@ -149,23 +217,37 @@ class Phase(Strict):
     rate: Annotated[float, Field(gt=0, le=1_000_000)] | None = None  # messages per second; None = as fast as possible
     via: Literal["explorer", "conversions"] = "explorer"
     old_files: Annotated[int, Field(ge=0, le=100_000)] | None = None  # delta: files before the cutoff; default objects // 2
+    lasting: Duration | None = None
+    hold: Hold | None = None
 
     @model_validator(mode="after")
     def consistent(self) -> "Phase":
         problems = []
-        if self.when is not None and "at" in self.model_fields_set:
-            problems.append("@at: give either 'at' (a time) or 'when' (a trigger), not both")
         if self.old_files is not None and self.mode != "delta":
             problems.append("@old_files: only a delta phase has files before a cutoff")
         if self.scans * max(self.objects, 1) > 1_000_000:
             problems.append(f"@objects: {self.scans} scans of {self.objects} objects is more than 1000000 files")
+        if self.hold is not None and self.lasting is not None:
+            problems.append("@hold: give either 'hold' (keep a queue filled) or 'lasting' (a sized backlog), not both")
+        sized_by_harness = "hold" if self.hold is not None else "lasting" if self.lasting is not None else None
+        if sized_by_harness:
+            for key in ("scans", "rate") + (("objects",) if self.via == "conversions" else ()):
+                if key in self.model_fields_set:
+                    problems.append(f"@{key}: a phase with '{sized_by_harness}' decides how much to publish; "
+                                    f"leave out '{key}'" + (" (with via: explorer, 'objects' is per scan spec)"
+                                                             if key == "objects" else ""))
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
+    @property
+    def sized(self) -> bool:
+        """The harness decides how much this phase publishes (hold or lasting)."""
+        return self.hold is not None or self.lasting is not None
+
 
 class Fault(Strict):
-    """A disturbance at a time (``at``) and/or on a trigger (``when``; both must hold when both are given).
+    """A disturbance, due as a phase is: ``at`` seconds in, once its ``when`` trigger holds.
 
     kinds (FAULT_KINDS): delete_queue (target queue), close_connection (target stage),
     kill_stage (target stage; params restart: bool), restart_broker (no target; params
@@ -174,6 +256,7 @@ class Fault(Strict):
     admin aborts that client's latest scan with a command on the broadcast exchange).
     """
 
+    name: Label | None = None
     kind: Literal["delete_queue", "close_connection", "kill_stage", "restart_broker", "pause_stage", "poison",
                   "abort_scan"]
     at: Seconds = 0.0
@@ -249,20 +332,27 @@ class Scenario(Strict):
         stages = [s.name for s in self.stages]
         problems += _duplicates(clients, "clients", "name")
         problems += _duplicates(stages, "stages", "name")
+        named = [(f"workload.{i}", p.name) for i, p in enumerate(self.workload) if p.name] + \
+                [(f"faults.{i}", f.name) for i, f in enumerate(self.faults) if f.name]
+        seen_names: set[str] = set()
+        for where, name in named:
+            if name in seen_names:
+                problems.append(f"@{where}.name: duplicate {name!r} (phases and faults share one set of names)")
+            seen_names.add(name)
         queues = set(self.queues) | set(OUTPUT_QUEUES)
+        instances = {s.name: s.replicas for s in self.stages}
         for index, phase in enumerate(self.workload):
             where = f"workload.{index}"
             if phase.client not in clients:
                 problems.append(f"@{where}.client: unknown client {phase.client!r}{_known(phase.client, clients)}")
-            if phase.when is not None and phase.when.queue not in queues:
-                problems.append(f"@{where}.when.queue: {phase.when.queue!r} is not a queue of this scenario, "
-                                "so the trigger would never fire")
+            else:
+                problems += self._sizing_problems(where, phase)
+            problems += _trigger_problems(f"{where}.when", phase.when, queues, instances, seen_names, phase.name)
             if phase.at >= self.time_limit:
                 problems.append(f"@{where}.at: {phase.at:g} s is not before the time limit ({self.time_limit:g} s)")
             if phase.via == "explorer" and not any(s.kind == "explorer" for s in self.stages):
                 problems.append(f"@{where}.via: the scan specs need an explorer stage and the scenario has none; "
                                 "use 'via: conversions' to fill conversion queues directly")
-        instances = {s.name: s.replicas for s in self.stages}
         for index, fault in enumerate(self.faults):
             where = f"faults.{index}"
             wants = FAULT_KINDS[fault.kind][0]
@@ -273,8 +363,7 @@ class Scenario(Strict):
             if wants == "queue" and fault.target is not None and fault.target not in queues:
                 problems.append(f"@{where}.target: {fault.target!r} is not a queue of this scenario"
                                 f"{_known(fault.target, sorted(queues))}")
-            if fault.when is not None and fault.when.queue not in queues:
-                problems.append(f"@{where}.when.queue: {fault.when.queue!r} is not a queue of this scenario")
+            problems += _trigger_problems(f"{where}.when", fault.when, queues, instances, seen_names, fault.name)
             if fault.at >= self.time_limit:
                 problems.append(f"@{where}.at: {fault.at:g} s is not before the time limit ({self.time_limit:g} s)")
         for field_name in ("clauses", "expect_fail"):
@@ -283,6 +372,29 @@ class Scenario(Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _sizing_problems(self, where: str, phase: "Phase") -> list[str]:
+        """A hold keeps the phase's own queue filled; a lasting backlog needs the stage that drains it."""
+        target = self.target_queue(phase)
+        problems = []
+        if phase.hold is not None and phase.hold.queue not in (None, target):
+            problems.append(f"@{where}.hold.queue: this phase publishes into {target!r}; a hold keeps its own "
+                            f"queue filled, not {phase.hold.queue!r}")
+        if phase.lasting is not None and not self.drained_by(target):
+            problems.append(f"@{where}.lasting: a lasting backlog is sized from the pace of the stage that drains "
+                            f"it, and no stage with 'start: after_workload' reads {target!r}")
+        return problems
+
+    def target_queue(self, phase: "Phase") -> str:
+        """The queue a phase publishes into: its client's explorer queue, or conversion queue (via conversions)."""
+        client = self.client(phase.client)
+        if phase.via == "conversions":
+            return client.conversion_delta_queue if phase.mode == "delta" else client.conversion_full_queue
+        return client.explorer_delta_queue if phase.mode == "delta" else client.explorer_full_queue
+
+    def drained_by(self, queue: str) -> list["Stage"]:
+        """Stages that start after the workload and read ``queue`` (the drain's stages)."""
+        return [s for s in self.stages if s.start == "after_workload" and queue in s.read_queues]
 
     def client(self, name: str) -> Client:
         return next(c for c in self.clients if c.name == name)
@@ -300,6 +412,25 @@ class Scenario(Strict):
         for stage in self.stages:
             names += stage.read_queues
         return list(dict.fromkeys(names))
+
+
+def _trigger_problems(where: str, trigger: Trigger | None, queues: set[str], instances: dict[str, int],
+                      names: set[str], own_name: str | None) -> list[str]:
+    if trigger is None:
+        return []
+    problems = [f"@{where}.{key}: {queue!r} is not a queue of this scenario, so the trigger would never fire"
+                f"{_known(queue, sorted(queues))}"
+                for key, queue in (("queue", trigger.queue), ("consuming", trigger.consuming))
+                if queue is not None and queue not in queues]
+    if trigger.stage is not None and not _is_stage(trigger.stage, instances):
+        problems.append(f"@{where}.stage: unknown stage {trigger.stage!r}{_known(trigger.stage, list(instances))}")
+    if trigger.after is not None:
+        if trigger.after == own_name:
+            problems.append(f"@{where}.after: {trigger.after!r} would wait for itself")
+        elif trigger.after not in names:
+            problems.append(f"@{where}.after: no phase or fault is named {trigger.after!r}"
+                            f"{_known(trigger.after, sorted(names))}")
+    return problems
 
 
 def _is_stage(target: str, instances: dict[str, int]) -> bool:
@@ -349,7 +480,7 @@ def _loc(parts: tuple[Any, ...]) -> str:
 
 def _all_fields() -> list[str]:
     names: set[str] = set()
-    for model in (Scenario, Client, Stage, Trigger, Phase, Fault, Checks):
+    for model in (Scenario, Client, Stage, Trigger, Duration, Hold, Phase, Fault, Checks):
         names |= set(model.model_fields)
     return sorted(names)
 
@@ -358,6 +489,7 @@ _PATTERN_REASONS = {
     r"^[A-Za-z0-9_.:\-]+$": "a queue name is one word of letters, digits, '_', '.', ':' or '-'",
     r"^[A-Za-z0-9_\-]+$": "a name is one word of letters, digits, '_' or '-'",
     r"^[A-Za-z_][A-Za-z0-9_]*$": "a marker is a Python identifier",
+    r"^\S(.*\S)?$": "a phase or fault name is text without leading or trailing blanks",
 }
 
 

@@ -295,6 +295,15 @@ class Workload:
         phase = self.scenario.workload[phase_index]
         return [self._plan_scan(phase_index, phase, number) for number in range(phase.scans)]
 
+    def plan_scan(self, phase_index: int, number: int, objects: int | None = None) -> PlannedScan:
+        """One more scan of a phase, numbered ``number`` (for holds, lasting backlogs and calibration).
+
+        ``objects`` overrides the phase's count (a hold of conversions publishes one scan per top-up)."""
+        phase = self.scenario.workload[phase_index]
+        if objects is not None:
+            phase = phase.model_copy(update={"objects": objects})
+        return self._plan_scan(phase_index, phase, number)
+
     def plan_all(self) -> list[list[PlannedScan]]:
         return [self.plan(index) for index in range(len(self.scenario.workload))]
 
@@ -313,9 +322,12 @@ class Workload:
             shutil.rmtree(source_dir)
         source_dir.mkdir(parents=True)
 
+        # One day per phase, one minute per scan; scans past a day's worth (holds) move 1000 days on,
+        # so that two phases of one client and mode never share a scan time (the scan's identity).
+        days = phase_index + 1000 * (number // 1440)
         scan_time = self.BASE_TIME + timedelta(
-            days=phase_index, minutes=number, seconds=rng.randint(0, 59), microseconds=rng.randint(1, 999_999))
-        cutoff_dt = self.CUTOFF_BASE + timedelta(days=phase_index, minutes=number)
+            days=days, minutes=number % 1440, seconds=rng.randint(0, 59), microseconds=rng.randint(1, 999_999))
+        cutoff_dt = self.CUTOFF_BASE + timedelta(days=days, minutes=number % 1440)
         cutoff = cutoff_dt.strftime(TIME_FORMAT) if delta else None
 
         n_old = 0

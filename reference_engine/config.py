@@ -45,6 +45,7 @@ environment:
                                  (explorer os2ds_scan_specs, worker os2ds_conversions)
   PRIORITY_CHECK_SECONDS         period of the priority check (default 5; fractions allowed)
   REFERENCE_WORK_SECONDS         extra time spent per handled message (default 0)
+  REFERENCE_PREFETCH             prefetch per consumer (default: explorer 1, worker 2, as OS2datascanner)
   REFERENCE_ENGINE_FAULTS        comma-separated faults to inject on purpose
                                  (list: python -m reference_engine.faults)
 """
@@ -119,6 +120,7 @@ class Settings:
     queue_priority: list[str]
     check_seconds: float = 5.0
     work_seconds: float = 0.0
+    prefetch_override: int | None = None
     faults: frozenset[str] = field(default_factory=frozenset)
     log_level: str = "INFO"
 
@@ -133,7 +135,7 @@ class Settings:
 
     @property
     def prefetch(self) -> int:
-        return PREFETCH[self.stage]
+        return self.prefetch_override or PREFETCH[self.stage]
 
     @property
     def effective_check_seconds(self) -> float:
@@ -143,6 +145,19 @@ class Settings:
 
     def has(self, fault: str) -> bool:
         return fault in self.faults
+
+
+def _prefetch(env: Mapping[str, str]) -> int | None:
+    raw = env.get("REFERENCE_PREFETCH")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"REFERENCE_PREFETCH={raw!r} is not a whole number") from None
+    if not 1 <= value <= 1000:
+        raise ConfigError(f"REFERENCE_PREFETCH={raw!r} must be between 1 and 1000")
+    return value
 
 
 def load_settings(stage: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -168,5 +183,6 @@ def load_settings(stage: str, env: Mapping[str, str] | None = None) -> Settings:
         queue_priority=parse_queue_priority(env.get("QUEUE_PRIORITY")),
         check_seconds=_positive_float(env, "PRIORITY_CHECK_SECONDS", 5.0, allow_zero=False),
         work_seconds=_positive_float(env, "REFERENCE_WORK_SECONDS", 0.0, allow_zero=True),
+        prefetch_override=_prefetch(env),
         faults=faults, log_level=log_level,
     )

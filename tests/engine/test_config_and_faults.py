@@ -40,6 +40,12 @@ def test_queue_priority_and_check_period(cfg):
     assert config.load_settings("worker", {**cfg, "QUEUE_PRIORITY": "   "}).read_queues == ["os2ds_conversions"]
 
 
+def test_prefetch_can_be_set_for_the_pace_matrix(cfg):
+    assert config.load_settings("worker", {**cfg, "REFERENCE_PREFETCH": "10"}).prefetch == 10
+    assert config.load_settings("explorer", {**cfg, "REFERENCE_PREFETCH": "1"}).prefetch == 1
+    assert config.load_settings("worker", {**cfg, "REFERENCE_PREFETCH": " "}).prefetch == 2
+
+
 @pytest.mark.parametrize("env,msg", [
     ({}, "OS2DS_ENGINE_USER_CONFIG_PATH"),
     ({"OS2DS_ENGINE_USER_CONFIG_PATH": "/nonexistent.toml"}, "cannot read"),
@@ -50,7 +56,8 @@ def test_missing_config(env, msg):
 
 
 @pytest.mark.parametrize("key,value", [("PRIORITY_CHECK_SECONDS", "0"), ("PRIORITY_CHECK_SECONDS", "x"),
-                                       ("REFERENCE_WORK_SECONDS", "-1"), ("REFERENCE_ENGINE_FAULTS", "nope")])
+                                       ("REFERENCE_WORK_SECONDS", "-1"), ("REFERENCE_ENGINE_FAULTS", "nope"),
+                                       ("REFERENCE_PREFETCH", "0"), ("REFERENCE_PREFETCH", "ten")])
 def test_bad_values(cfg, key, value):
     with pytest.raises(config.ConfigError, match=key):
         config.load_settings("worker", {**cfg, key: value})

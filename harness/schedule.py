@@ -1,0 +1,144 @@
+"""When workload phases and faults happen, and how a hold keeps a queue filled.
+
+One rule decides for phases and faults alike: an item is due once ``at``
+seconds have passed since the stages consumed AND its ``when`` trigger holds
+(every condition of it, on the broker state the observer sees). A scenario
+therefore describes situations ("while the worker consumes the bottom
+queue"), not timings tuned for one engine's pace.
+
+``HoldController`` is the closed loop behind ``hold:``: from the ready counts
+the observer samples it decides how much to publish so that the queue never
+runs dry, at whatever pace the engine consumes it. It is pure (no I/O), so it
+is unit-tested with made-up samples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from harness.scenario import Hold, Trigger
+
+# A hold never publishes more than this in one top-up, nor keeps more than this many messages queued.
+MAX_TARGET = 5000
+# ... nor more than this many messages in all: past it the hold ends early (and says so in the history).
+MAX_TOTAL = 100_000
+
+
+class BrokerState(Protocol):
+    """What a trigger may look at: the observer's latest view, and what has happened so far."""
+
+    def ready(self, queue: str) -> int | None: ...
+
+    def consuming(self, stage: str, queue: str) -> bool: ...
+
+    def happened(self, name: str) -> bool: ...
+
+
+def trigger_holds(trigger: Trigger | None, state: BrokerState) -> bool:
+    if trigger is None:
+        return True
+    if trigger.queue is not None:
+        ready = state.ready(trigger.queue)
+        if ready is None or ready < trigger.ready_at_least:
+            return False
+    if trigger.stage is not None and not state.consuming(trigger.stage, trigger.consuming):
+        return False
+    return trigger.after is None or state.happened(trigger.after)
+
+
+def is_due(at: float, when: Trigger | None, elapsed: float, state: BrokerState) -> bool:
+    """The one rule for phases and faults: the time has come AND the trigger holds."""
+    return elapsed >= at and trigger_holds(when, state)
+
+
+def stage_matches(wanted: str, instance: str | None) -> bool:
+    """``worker`` names every replica (``worker``, ``worker#2``, ...); ``worker#2`` only that one."""
+    if instance is None:
+        return False
+    return instance == wanted or ("#" not in wanted and instance.split("#")[0] == wanted)
+
+
+@dataclass
+class HoldController:
+    """Keeps ``queue`` at ``depth`` ready messages or more until ``until`` (harness clock, seconds).
+
+    Each turn the runner passes the latest sample (its ready count and the sampler's counter);
+    ``top_up`` answers how many messages to publish now. One top-up is in flight at a time, and
+    the next waits for a sample taken after it was confirmed, so a top-up is never counted twice.
+    When a sample shows the queue below ``depth`` the target doubles: the engine consumes faster
+    than the loop refills, and a deeper queue buys the loop time.
+    """
+
+    queue: str
+    depth: int
+    until: float
+    target: int = 0
+    published: int = 0
+    top_ups: int = 0
+    shortfalls: int = 0  # fresh samples that found the queue below depth while holding
+    stopped_early: str | None = None
+    _in_flight: bool = False
+    _fresh_after: int = -1  # sample counter that a fresh sample must exceed
+    _seen_sample: int = -1
+
+    def __post_init__(self) -> None:
+        self.target = self.target or min(MAX_TARGET, 2 * self.depth)
+
+    @classmethod
+    def for_hold(cls, hold: Hold, queue: str, start: float, window: float) -> "HoldController":
+        return cls(queue, hold.depth_at_least, start + hold.resolve(window))
+
+    def active(self, now: float) -> bool:
+        return now < self.until and self.stopped_early is None
+
+    def top_up(self, now: float, ready: int | None, sample_number: int) -> int:
+        """How many messages to publish now (0: none). ``ready`` None = the queue is not there yet."""
+        if not self.active(now) or self._in_flight:
+            return 0
+        fresh = sample_number > self._fresh_after
+        if not fresh:
+            return 0
+        level = ready or 0
+        if sample_number != self._seen_sample and self.published and level < self.depth:
+            self.shortfalls += 1
+            self.target = min(MAX_TARGET, self.target * 2)
+        self._seen_sample = sample_number
+        if level >= self.target - self.depth // 2 and self.published:
+            return 0
+        count = max(self.target - level, 1)
+        if self.published + count > MAX_TOTAL:
+            self.stopped_early = f"published {self.published} messages, the most one hold may ({MAX_TOTAL})"
+            return 0
+        self._in_flight = True
+        self.top_ups += 1
+        return count
+
+    def confirmed(self, count: int, sample_number: int) -> None:
+        """The top-up's publish finished; the next decision waits for a sample after this one."""
+        self.published += count
+        self._fresh_after = sample_number
+        self._in_flight = False
+
+    def summary(self) -> dict:
+        return {"queue": self.queue, "depth": self.depth, "published": self.published, "top_ups": self.top_ups,
+                "shortfalls": self.shortfalls, "final_target": self.target, "stopped_early": self.stopped_early}
+
+
+@dataclass
+class Happenings:
+    """Names of the phases and faults that have happened, for ``when: {after: NAME}``."""
+
+    names: set[str] = field(default_factory=set)
+
+    def add(self, name: str | None) -> None:
+        if name:
+            self.names.add(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+
+def backlog_size(rate: float, seconds: float, replicas: int = 1, floor: int = 10, ceiling: int = 50_000) -> int:
+    """Objects for a backlog that lasts ``seconds`` at ``rate`` messages/s per instance."""
+    return max(floor, min(ceiling, math.ceil(rate * replicas * seconds)))
