@@ -61,6 +61,7 @@ def calibrate(stage: Stage, make_messages: MakeMessages, broker: Broker, vhost: 
     ``make_messages(n)`` returns n messages of the kind the drain will publish."""
     side = f"{vhost}-calibration"
     broker.management.create_vhost(side, tracing=False, description=VhostOwner.this_process().description())
+    work_dir.mkdir(parents=True, exist_ok=True)
     history = HistoryWriter(work_dir / f"{stage.name}.jsonl")
     launcher = StageLauncher(engine.command, engine.env, broker, side, work_dir, history)
     queue = stage.read_queues[0]

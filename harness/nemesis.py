@@ -69,6 +69,12 @@ class Nemesis:
         back_at = self._broker_back_at
         return self._broker_restarting or (back_at is not None and time.monotonic() - back_at < grace)
 
+    def finish(self, timeout: float = 60.0) -> None:
+        """Let faults still under way end (a broker restart must not outlive its test)."""
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
     @property
     def busy(self) -> bool:
         """A fault is still being applied in the background."""

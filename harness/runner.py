@@ -157,6 +157,7 @@ class ScenarioRun:
             self.history.record("phase", name="teardown")
             if self.flood is not None:
                 self.flood.cancel()
+            nemesis.finish()
             launcher.stop_all()
             observer.stop()
             self.history.record("run_finished", reason=reason)

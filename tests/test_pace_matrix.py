@@ -1,0 +1,58 @@
+"""The pace matrix: the whole conformance suite passes, every asserted clause exercised, at very different paces.
+
+A verdict that changes with the engine's speed is a harness bug. Each point of
+the matrix runs ``pytest suites/`` in a child process against this session's
+broker (the external provider: per-test vhosts, no broker start), with the
+reference engine slowed down or its prefetch changed only through
+``--engine-env``, as a user would configure any engine. The plain suite run
+(``.ci/run suites``) is the remaining point: 0 s per object, prefetch 2.
+
+The points (DESIGN.md: OS2datascanner's worker handles about 10 objects/s, a
+bare engine thousands):
+- 0 s per object with prefetch 1 and with prefetch 10 (a fast engine that
+  takes one message at a time, and one that takes many);
+- 0.1 s per object, OS2datascanner's pace.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+POINTS = {
+    "0s-prefetch-1": ["REFERENCE_WORK_SECONDS=0", "REFERENCE_PREFETCH=1"],
+    "0s-prefetch-10": ["REFERENCE_WORK_SECONDS=0", "REFERENCE_PREFETCH=10"],
+    "0.1s-per-object": ["REFERENCE_WORK_SECONDS=0.1"],
+}
+TIMEOUT = 1200  # seconds for one child suite run
+
+
+def child_command(broker, point: str) -> list[str]:
+    settings = [arg for entry in POINTS[point] for arg in ("--engine-env", entry)]
+    return [sys.executable, "-m", "pytest", "suites", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+            "--rabbitmq-provider", "external", "--rabbitmq-url", broker.amqp_url(),
+            "--rabbitmq-management-url", broker.management_url,
+            "--qp-report-dir", f"reports/pace-matrix/{point}", *settings]
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+def test_the_suite_passes_at_this_pace(broker, point):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QP_"))}
+    done = subprocess.run(child_command(broker, point), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "(no output)"
+    assert done.returncode == 0, (f"pytest suites/ with --engine-env {' '.join(POINTS[point])} failed: "
+                                  f"{summary}\n{_failures(done.stdout)}")
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
+
+
+def _failures(output: str, limit: int = 12000) -> str:
+    """The child's failure section (the clause texts), or its tail."""
+    start = output.find("= FAILURES =")
+    text = output[start:] if start >= 0 else output
+    return text[-limit:]
