@@ -1,7 +1,13 @@
 """Stability: the suite and the fault matrix, N times each, against the reference engine.
 
     python bench/stability.py 10          # N = 10 (the issue's goal: 10/10 each)
-    python bench/stability.py 3 --only suite
+    python bench/stability.py 5 --only suite             # the suite at both paces, 5 times each
+    python bench/stability.py 5 --only suite --pace 0.1  # one pace only
+
+The suite is run at each pace given with ``--pace`` (seconds per object of
+the reference engine, set through ``--engine-env REFERENCE_WORK_SECONDS=...``
+as for any engine; default: 0 and 0.1, OS2datascanner's pace), with one
+RESULT line per pace.
 
 Each repetition is a fresh ``python -m pytest`` run with two xdist workers.
 For the suite, a repetition counts as green when every test passed. For the
@@ -24,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reports" / "stability"
 
 
-def run(paths: list[str], junit: Path) -> tuple[int, float]:
+def run(paths: list[str], junit: Path, *extra: str) -> tuple[int, float]:
     command = [sys.executable, "-m", "pytest", *paths, "-n", "2", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={junit}"]
+               f"--junitxml={junit}", *extra]
     started = time.monotonic()
     code = subprocess.call(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return code, time.monotonic() - started
@@ -43,24 +49,33 @@ def outcomes(junit: Path) -> dict[str, bool]:
     return results
 
 
+def suite_runs(n: int, pace: float) -> str:
+    """The suite n times at one pace; its RESULT line."""
+    green = 0
+    for i in range(1, n + 1):
+        junit = OUT / f"suite-{pace:g}s-{i}.xml"
+        code, wall = run(["suites"], junit, "--engine-env", f"REFERENCE_WORK_SECONDS={pace:g}",
+                         "--qp-report-dir", f"reports/stability/suite-{pace:g}s")
+        failed = sorted(n for n, ok in outcomes(junit).items() if not ok) if junit.exists() else ["(no report)"]
+        green += code == 0
+        print(f"suite run {i}/{n} at {pace:g} s per object: exit {code}, {wall:.0f} s"
+              + (f", failed: {failed}" if failed else ""), flush=True)
+    verdict = "PASS" if green == n else "FAIL"
+    return f"RESULT suite_green_runs_at_{pace:g}s {green} runs goal >={n} {verdict}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("n", type=int, help="repetitions of each")
     parser.add_argument("--only", choices=["suite", "matrix"], help="run only one of the two")
+    parser.add_argument("--pace", type=float, action="append",
+                        help="seconds per object for the suite runs (repeatable; default 0 and 0.1)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     lines = []
     if args.only in (None, "suite"):
-        green = 0
-        for i in range(1, args.n + 1):
-            junit = OUT / f"suite-{i}.xml"
-            code, wall = run(["suites"], junit)
-            failed = sorted(n for n, ok in outcomes(junit).items() if not ok) if junit.exists() else ["(no report)"]
-            green += code == 0
-            print(f"suite run {i}/{args.n}: exit {code}, {wall:.0f} s" + (f", failed: {failed}" if failed else ""),
-                  flush=True)
-        verdict = "PASS" if green == args.n else "FAIL"
-        lines.append(f"RESULT suite_green_runs {green} runs goal >={args.n} {verdict}")
+        for pace in args.pace or [0.0, 0.1]:
+            lines.append(suite_runs(args.n, pace))
     if args.only in (None, "matrix"):
         passed: Counter[str] = Counter()
         seen: Counter[str] = Counter()
