@@ -1,0 +1,86 @@
+"""The schedule without a broker: one trigger rule for phases and faults, and the hold's closed loop."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from harness.scenario import Trigger
+from harness.schedule import MAX_TARGET, HoldController, backlog_size, is_due, stage_matches
+
+
+@dataclass
+class State:
+    counts: dict = field(default_factory=dict)
+    consumers: dict = field(default_factory=dict)  # instance -> queues
+    names: set = field(default_factory=set)
+
+    def ready(self, queue):
+        return self.counts.get(queue)
+
+    def consuming(self, stage, queue):
+        return any(stage_matches(stage, i) and queue in qs for i, qs in self.consumers.items())
+
+    def happened(self, name):
+        return name in self.names
+
+
+def test_time_and_trigger_must_both_hold():
+    when = Trigger(stage="worker", consuming="bottom")
+    busy = State(consumers={"worker": {"first", "bottom"}})
+    assert not is_due(2.0, when, 1.0, busy)            # too early
+    assert not is_due(0.0, when, 5.0, State())         # nobody consumes bottom
+    assert is_due(2.0, when, 2.0, busy)
+    assert is_due(3.0, None, 3.0, State())
+
+
+def test_every_condition_of_a_trigger_must_hold():
+    when = Trigger(queue="q", ready_at_least=5, stage="worker", consuming="q", after="backlog")
+    state = State(counts={"q": 7}, consumers={"worker#2": {"q"}})
+    assert not is_due(0, when, 1, state)
+    state.names.add("backlog")
+    assert is_due(0, when, 1, state)
+    state.counts["q"] = 4
+    assert not is_due(0, when, 1, state)
+
+
+def test_a_replica_counts_for_its_stage_but_not_for_another_instance():
+    assert stage_matches("worker", "worker#2") and stage_matches("worker", "worker")
+    assert not stage_matches("worker#2", "worker") and not stage_matches("work", "worker")
+    assert not stage_matches("worker", None)
+
+
+def test_a_hold_tops_up_to_its_target_and_waits_for_a_fresh_sample():
+    hold = HoldController("q", depth=10, until=100.0)
+    assert hold.top_up(0.0, None, 1) == 20                # queue not there yet: fill to 2 x depth
+    assert hold.top_up(0.1, 0, 2) == 0                    # one top-up in flight at a time
+    hold.confirmed(20, sample_number=2)
+    assert hold.top_up(0.2, 0, 2) == 0                    # that sample may predate the publish
+    assert hold.top_up(0.3, 18, 3) == 0                   # still near the target
+    assert hold.top_up(0.4, 12, 4) == 8                   # fell by more than half the depth
+    assert hold.shortfalls == 0
+
+
+def test_a_hold_deepens_when_the_engine_outruns_it():
+    hold = HoldController("q", depth=10, until=100.0)
+    sample = 0
+    for _ in range(4):  # a fast engine: every fresh sample finds the queue empty
+        sample += 1
+        count = hold.top_up(0.0, 0, sample)
+        hold.confirmed(count, sample)
+        sample += 1
+    assert hold.shortfalls == 3 and hold.target == 20 * 2 ** 3
+    assert hold.published == 20 + 40 + 80 + 160
+
+
+def test_a_hold_ends_on_time_and_caps_its_target():
+    hold = HoldController("q", depth=4000, until=1.0)
+    assert hold.target == MAX_TARGET
+    assert hold.active(0.5) and not hold.active(1.0)
+    assert hold.top_up(1.5, 0, 1) == 0
+
+
+@pytest.mark.parametrize("rate,seconds,replicas,objects", [(100.0, 6.0, 1, 600), (10.0, 6.0, 2, 120),
+                                                           (0.1, 1.0, 1, 10), (1e6, 60.0, 1, 50_000)])
+def test_a_backlog_lasts_its_time_at_the_measured_pace(rate, seconds, replicas, objects):
+    assert backlog_size(rate, seconds, replicas) == objects
