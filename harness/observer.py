@@ -552,7 +552,9 @@ class Observer:
 
     def delivered_before(self, queue: str, t: float) -> set[tuple[Any, Any]]:
         """The (scan, object) pairs whose conversion was delivered from ``queue`` before time ``t``."""
-        return {(scan, obj) for (q, scan, obj), first in list(self._first_delivery.items()) if q == queue and first < t}
+        with self._cond:
+            firsts = list(self._first_delivery.items())
+        return {(scan, obj) for (q, scan, obj), first in firsts if q == queue and first < t}
 
     def answered(self) -> set[tuple[Any, Any]]:
         """The (scan, object) pairs counted by ``result_count``."""
@@ -820,7 +822,8 @@ class Observer:
             self._record("deliver", t, queue=queue, stage=stage,
                          redelivered=_as_bool(h.get("redelivered")), msg=msg, conn=h.get("connection"))
             if msg.get("type") == "ConversionMessage":
-                self._first_delivery.setdefault((queue, msg.get("scan"), msg.get("object")), t)
+                with self._cond:  # read by the runner's thread (delivered_before)
+                    self._first_delivery.setdefault((queue, msg.get("scan"), msg.get("object")), t)
         elif key.startswith("publish."):
             keys = h.get("routing_keys") or [""]
             self._record("publish", t, exchange=h.get("exchange_name", key[len("publish."):]),
