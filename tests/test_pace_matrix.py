@@ -1,8 +1,8 @@
 """The pace matrix: the whole conformance suite passes, every asserted clause exercised, at very different paces.
 
 A verdict that changes with the engine's speed is a harness bug. Each point of
-the matrix runs ``pytest suites/`` in a child process against this session's
-broker (the external provider: per-test vhosts, no broker start), with the
+the matrix runs ``pytest suites/ -n 2`` in a child process against this
+session's broker (the external provider: per-test vhosts, no broker start), with the
 reference engine slowed down or its prefetch changed only through
 ``--engine-env``, as a user would configure any engine. The plain suite run
 (``.ci/run suites``) is the remaining point: 0 s per object, prefetch 2.
@@ -34,7 +34,7 @@ TIMEOUT = 1200  # seconds for one child suite run
 
 def child_command(broker, point: str) -> list[str]:
     settings = [arg for entry in POINTS[point] for arg in ("--engine-env", entry)]
-    return [sys.executable, "-m", "pytest", "suites", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+    return [sys.executable, "-m", "pytest", "suites", "-n", "2", "-p", "no:cacheprovider", "-q",
             "--rabbitmq-provider", "external", "--rabbitmq-url", broker.amqp_url(),
             "--rabbitmq-management-url", broker.management_url,
             "--qp-report-dir", f"reports/pace-matrix/{point}", *settings]
