@@ -198,8 +198,13 @@ def assert_scenario(result: RunResult) -> None:
 
 def _failure_text(result: RunResult, problems: list[ClauseResult], format_failure) -> str:
     lines = [format_failure(problems, result.history)] if any(p.failed for p in problems) else []
+    idle = [p for p in problems if p.outcome == "not_exercised"]
     lines += [f"{p.clause}: not exercised ({p.exercised}); this test needs the clause put to the test"
-              for p in problems if p.outcome == "not_exercised"]
+              for p in idle]
+    if idle:
+        from harness.pace import pace_lines
+        lines.append("what this engine did in the run (the scenario must create the situation at this pace):")
+        lines += [f"  {line}" for line in pace_lines(result.history, result.windows)]
     lines += [f"the run itself failed: {problem}" for problem in result.problems]
     if result.reason != "complete":
         lines.append(f"(the run ended by {result.reason})")
