@@ -88,7 +88,9 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "conn": "receiving connection name",
         "msg": "message summary",
     },
-    "output": {"queue": "engine output queue the observer read", "msg": "message summary"},
+    "output": {"queue": "engine output queue the observer read", "msg": "message summary",
+               "redelivered": "true when the broker delivered it again (the observer had not acked it before "
+                              "a broker restart): it may have been recorded already"},
     "scan_planned": {
         "scan": "scan id (harness.messages.scan_id)",
         "client": "client name",

@@ -54,6 +54,7 @@ HARNESS = "harness"
 AMQP_ERRORS = (pika.exceptions.AMQPError, OSError, AssertionError)
 # Seconds an observer connection may stay lost (reconnects failing) before the broker counts as gone.
 BROKER_GONE_AFTER = 5.0
+OUTPUT_PREFETCH = 500  # unacked output messages in flight to the observer
 
 
 def port_of_name(name: str | None) -> int | None:
@@ -233,10 +234,13 @@ class _FirehoseWorker(_Worker):
         self.bind_deliveries(obs._delivery_queues())
         trace.basic_consume(queue, self._on_trace, auto_ack=True)
         output = self.connection.channel()
+        # Acked once recorded: a broker killed mid-run (restart_broker) keeps what the observer had not
+        # recorded yet and delivers it again, where the firehose's backlog is lost with the node.
+        output.basic_qos(prefetch_count=OUTPUT_PREFETCH)
         for name in obs.output_queues:
             # Exactly as the engine declares them, or the broker refuses one of the two.
             output.queue_declare(name, durable=True)
-            output.basic_consume(name, partial(self._on_output, name), auto_ack=True)
+            output.basic_consume(name, partial(self._on_output, name), auto_ack=False)
         self.last_message = time.monotonic()
 
     def bind_deliveries(self, queues) -> None:
@@ -255,9 +259,10 @@ class _FirehoseWorker(_Worker):
     def _on_output(self, queue, channel, method, properties, body) -> None:
         self.last_message = time.monotonic()
         try:
-            self.observer._on_output(time.time(), queue, properties, body)
+            self.observer._on_output(time.time(), queue, properties, body, bool(method.redelivered))
         except Exception as exc:
             self.observer._error(f"output message from {queue!r} not recorded: {exc!r}")
+        channel.basic_ack(method.delivery_tag)
 
     def serve_once(self) -> None:
         if self.observer._new_queues:
@@ -841,9 +846,9 @@ class Observer:
             self._summaries[key] = cached
         return dict(cached)
 
-    def _on_output(self, t: float, queue: str, properties, body: bytes) -> None:
+    def _on_output(self, t: float, queue: str, properties, body: bytes, redelivered: bool = False) -> None:
         msg = self._summary(body, properties.content_encoding)
-        self._record("output", t, queue=queue, msg=msg)
+        self._record("output", t, queue=queue, msg=msg, redelivered=redelivered)
         with self._cond:
             self._outputs[queue] += 1
             self._output_types[msg.get("type")] += 1
