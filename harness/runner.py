@@ -24,7 +24,7 @@ from harness.flood import Flood, FloodError, progress_line
 from harness.history import HISTORY_VERSION, History, HistoryWriter
 from harness.nemesis import Nemesis, NemesisError
 from harness.observer import BROKER_GONE_AFTER, Observer, ObserverError
-from harness.scenario import Phase, Scenario
+from harness.scenario import Phase, Restart, Scenario
 from harness.stages import StageExited, StageLauncher, StageStartError
 from harness.workload import Workload
 
@@ -42,6 +42,7 @@ class EngineSettings:
 
     command: list[str] | str | None = None  # None = the bundled reference engine
     env: dict[str, str] = field(default_factory=dict)
+    restart: Restart | None = None  # the restart policy of every stage that sets none itself
 
 
 @dataclass
@@ -112,7 +113,7 @@ class ScenarioRun:
                             tolerance=self.windows.tolerance, grace=self.windows.grace)
         observer = Observer(self.broker, self.vhost, self.history, scenario.queues)
         launcher = StageLauncher(self.engine.command, self.engine.env, self.broker, self.vhost,
-                                 self.report_dir, self.history, observer)
+                                 self.report_dir, self.history, observer, self.engine.restart, self.say)
         nemesis = Nemesis(scenario.faults, self.broker, self.vhost, self.history, launcher, observer, self.say)
         nemesis.latest_scan = lambda client: next(
             (scan for scan in reversed(self.planned) if scan.client == client), None)
