@@ -259,9 +259,14 @@ class ScenarioRun:
             key[0] not in aborted and (self.queue_of[key] not in deleted or key in taken)))
 
     def _settle(self, launcher: StageLauncher) -> None:
-        # A short look after the last result, so duplicates and late cancels are seen.
-        end = time.monotonic() + min(1.0, self.windows.W)
-        while time.monotonic() < end:
+        # A short look after the last result, so duplicates and late cancels are seen. A stage its
+        # restart policy is about to start again is waited for and looked at as long: a crash loop
+        # (poison redelivered to each new instance) is seen to its end, not cut off by the teardown.
+        look = min(1.0, self.windows.W)
+        end = time.monotonic() + look
+        while time.monotonic() < end or launcher.restart_pending:
+            if launcher.restart_pending:
+                end = time.monotonic() + look
             self._check_stages(launcher)
             time.sleep(0.05)
 

@@ -357,6 +357,12 @@ class StageLauncher:
         return StageExit(proc.name, proc.role, proc.pid, returncode, proc.tail(TAIL_LINES), proc.log_path,
                          proc.expect_exit, supervisor, restarts)
 
+    @property
+    def restart_pending(self) -> bool:
+        """Some instance exited and its restart policy will start it again after the backoff."""
+        with self._lock:
+            return any(p.restart_due is not None for p in self.processes.values())
+
     def running(self) -> list[StageProcess]:
         with self._lock:
             return [p for p in self.processes.values() if p.alive]

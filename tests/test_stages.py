@@ -143,8 +143,9 @@ def test_stop_all_cancels_a_pending_restart(make_launcher, history):
     launcher = make_launcher(restart=Restart(policy="on-failure", limit=3, backoff=0.5))
     [proc] = launcher.start(Stage(name="crash", kind="worker", env={"FAKE_EXIT": "5"}))
     assert wait_until(lambda: proc.popen.poll() is not None, 10)
-    assert launcher.poll() == []  # restart scheduled
+    assert launcher.poll() == [] and launcher.restart_pending  # restart scheduled
     launcher.stop_all(grace=1)
+    assert not launcher.restart_pending
     time.sleep(0.7)
     assert launcher.poll() == [] and launcher.running() == []
     assert len([e for e in history.events if e["type"] == "stage_started"]) == 1
