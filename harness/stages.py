@@ -339,7 +339,7 @@ class StageLauncher:
     def _start_due_restarts(self) -> None:
         now = time.monotonic()
         for proc in list(self.processes.values()):
-            if proc.restart_due is not None and now >= proc.restart_due:
+            if proc.restart_due is not None and now >= proc.restart_due and not proc.alive:
                 self._spawn(proc, supervisor_restart=proc.restarts)
 
     def _report(self, proc: StageProcess) -> StageExit:
