@@ -43,9 +43,14 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "read_queues": "queues the stage is expected to read (QUEUE_PRIORITY or default)",
         "command": "the command line it was started with",
         "log": "path of its captured output",
+        "supervisor_restart": "n when the restart policy started it again for the n-th time, 0 for the harness's "
+                              "own starts (a kill_stage restart included)",
     },
     "stage_exited": {"stage": "stage instance", "pid": "OS pid", "returncode": "exit code, negative = signal",
-                     "expected": "true when the harness stopped or killed it on purpose"},
+                     "expected": "true when the harness stopped or killed it on purpose",
+                     "supervisor": "under a restart policy: 'restarting' (a stage_started with supervisor_restart "
+                                   "follows after the backoff) or 'gave_up' (past its limit: the run ends); null when "
+                                   "no policy applies to this exit"},
     "connection_created": {
         "conn": "broker's connection pid (string)",
         "name": "'127.0.0.1:PORT -> 127.0.0.1:PORT'",

@@ -6,7 +6,8 @@
   measured switch latencies.
 - ``render_timeline(history, results, path)``: PNG (matplotlib, Agg). Top: ready count per queue.
   Below: one lane per stage, one row per queue it may consume, a bar while it held a consumer;
-  violations shaded red and labelled with the clause id; faults as dashed lines.
+  violations shaded red and labelled with the clause id; faults as dashed lines; a stage's own
+  exits and its supervisor's restarts (``lane_marks``) as marks on its lane.
 """
 from __future__ import annotations
 
@@ -144,6 +145,18 @@ def _thin(xs, ys, limit=4000):
     return ox, oy
 
 
+def lane_marks(sv) -> list[tuple[float, str, str]]:
+    """(time, kind, label) marks for a stage's lane: exits the harness did not cause ('exit', with the
+    exit code) and restarts by its restart policy ('restart', with their number)."""
+    marks = [(e["t"], "exit", f"exit {e.get('returncode')}") for e in sv.exits if not e.get("expected")]
+    marks += [(st["t"], "restart", f"restart {st['supervisor_restart']}") for st in sv.starts
+              if st.get("supervisor_restart")]
+    return sorted(marks)
+
+
+MARK_STYLE = {"exit": {"marker": "X", "color": "#b00020"}, "restart": {"marker": ">", "color": "#1b5e20"}}
+
+
 def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
                     windows: Windows | None = None, title: str | None = None) -> Path:
     """Write the timeline PNG to ``path`` and return it."""
@@ -220,6 +233,10 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
                 ax_s.plot([c.end - t0], [row_y[c.queue] + 0.4], marker="|", color="black", ms=8)
         for a, b in sv.excused:
             ax_s.axvspan(a - t0, b - t0, ymin=0, ymax=1, color="#999999", alpha=0.12)
+        for t, kind, label in lane_marks(sv):
+            ax_s.plot([t - t0], [top + 0.4], ms=8, ls="none", **MARK_STYLE[kind])
+            ax_s.annotate(label, (t - t0, top + 0.4), xytext=(4, -2), textcoords="offset points", fontsize=7,
+                          color=MARK_STYLE[kind]["color"], va="bottom")
         y += 1  # gap between stages
         ax_s.axhline(y - 0.5, color="#cccccc", lw=0.8)
     ax_s.set_yticks(yticks)

@@ -25,7 +25,7 @@ from harness.flood import Flood, FloodError, progress_line
 from harness.history import HISTORY_VERSION, History, HistoryWriter
 from harness.nemesis import Nemesis, NemesisError
 from harness.observer import BROKER_GONE_AFTER, Observer, ObserverError
-from harness.scenario import Phase, Scenario
+from harness.scenario import Phase, Restart, Scenario
 from harness.schedule import Happenings, HoldController, backlog_size, is_due, stage_matches
 from harness.stages import StageExited, StageLauncher, StageStartError
 from harness.workload import Workload
@@ -44,6 +44,7 @@ class EngineSettings:
 
     command: list[str] | str | None = None  # None = the bundled reference engine
     env: dict[str, str] = field(default_factory=dict)
+    restart: Restart | None = None  # the restart policy of every stage that sets none itself
 
 
 @dataclass
@@ -120,7 +121,7 @@ class ScenarioRun:
                             tolerance=self.windows.tolerance, grace=self.windows.grace)
         observer = Observer(self.broker, self.vhost, self.history, scenario.queues)
         launcher = StageLauncher(self.engine.command, self.engine.env, self.broker, self.vhost,
-                                 self.report_dir, self.history, observer)
+                                 self.report_dir, self.history, observer, self.engine.restart, self.say)
         nemesis = Nemesis(scenario.faults, self.broker, self.vhost, self.history, launcher, observer, self.say)
         nemesis.latest_scan = lambda client: next(
             (scan for scan in reversed(self.planned) if scan.client == client), None)
@@ -286,9 +287,14 @@ class ScenarioRun:
             key[0] not in aborted and (self.queue_of[key] not in deleted or key in taken)))
 
     def _settle(self, launcher: StageLauncher) -> None:
-        # A short look after the last result, so duplicates and late cancels are seen.
-        end = time.monotonic() + min(1.0, self.windows.W)
-        while time.monotonic() < end:
+        # A short look after the last result, so duplicates and late cancels are seen. A stage its
+        # restart policy is about to start again is waited for and looked at as long: a crash loop
+        # (poison redelivered to each new instance) is seen to its end, not cut off by the teardown.
+        look = min(1.0, self.windows.W)
+        end = time.monotonic() + look
+        while time.monotonic() < end or launcher.restart_pending:
+            if launcher.restart_pending:
+                end = time.monotonic() + look
             self._check_stages(launcher)
             time.sleep(0.05)
 

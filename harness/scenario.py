@@ -78,8 +78,54 @@ class Client(Strict):
     conversion_delta_queue: QueueName = DEFAULT_CONVERSION_QUEUE
 
 
+RESTART_POLICIES = ("no", "on-failure", "always")
+
+
+class Restart(Strict):
+    """A restart policy, as Docker's: ``on-failure`` starts an instance again after a non-zero exit,
+    ``always`` after any exit the harness did not cause; ``limit`` restarts per instance, the
+    ``backoff`` doubling after each (capped at MAX_BACKOFF)."""
+
+    policy: Literal["no", "on-failure", "always"] = "no"
+    limit: Annotated[int, Field(ge=0, le=100)] = 3
+    backoff: Annotated[float, Field(ge=0.0, le=60.0)] = 1.0
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def yaml_no_is_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted ``no`` as false.
+        return "no" if value is False else value
+
+    @property
+    def supervised(self) -> bool:
+        return self.policy != "no"
+
+
+MAX_BACKOFF = 30.0
+
+
+def parse_restart(text: str) -> Restart:
+    """``POLICY[:LIMIT[:BACKOFF]]`` as the --engine-restart option takes it, e.g. ``on-failure:5:0.5``."""
+    policy, *rest = text.strip().split(":")
+    if policy not in RESTART_POLICIES or len(rest) > 2:
+        raise ValueError(f"expected POLICY[:LIMIT[:BACKOFF]] with POLICY one of {', '.join(RESTART_POLICIES)}, "
+                         f"got {text!r}")
+    fields: dict[str, Any] = {"policy": policy}
+    try:
+        if rest:
+            fields["limit"] = int(rest[0])
+        if len(rest) > 1:
+            fields["backoff"] = float(rest[1])
+        return Restart(**fields)
+    except (ValueError, ValidationError) as exc:
+        raise ValueError(f"expected POLICY[:LIMIT[:BACKOFF]] (LIMIT 0..100 restarts, BACKOFF 0..60 s), "
+                         f"got {text!r}") from exc
+
+
 class Stage(Strict):
-    """One engine process kind with its QUEUE_PRIORITY; ``replicas`` copies are started."""
+    """One engine process kind with its QUEUE_PRIORITY; ``replicas`` copies are started.
+
+    ``restart`` is the stage's restart policy; absent, the run's default (--engine-restart) applies."""
 
     name: Name
     kind: Literal["explorer", "worker"]
@@ -87,6 +133,7 @@ class Stage(Strict):
     replicas: Annotated[int, Field(ge=1, le=16)] = 1
     env: dict[str, str] = {}
     start: Literal["immediately", "after_workload"] = "immediately"
+    restart: Restart | None = None
 
     @field_validator("queue_priority", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ import pytest
 from harness.checkers import windows_for
 from harness.checkers.model import ClauseResult, Windows
 from harness.runner import EngineSettings, RunResult, ScenarioRunError, prepare_report_dir, run_scenario
-from harness.scenario import Scenario, ScenarioError, load_scenario
+from harness.scenario import Scenario, ScenarioError, load_scenario, parse_restart
 
 DEFAULTS = Windows()
 SUMMARY_KEY = "qp_summary"
@@ -36,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
            "python -m reference_engine.run_stage {stage}")
     option("--engine-env", "engine_env", "extra KEY=VALUE for every stage (repeatable)", [],
            "linelist", action="append")
+    option("--engine-restart", "engine_restart", "restart policy POLICY[:LIMIT[:BACKOFF]] (no, on-failure, always) "
+           "for every stage whose scenario sets none", "no")
     option("--check-period", "check_period", "the engine's priority check period in seconds",
            str(DEFAULTS.check_period))
     option("--window-tolerance", "window_tolerance", "added to the check period to give the window W",
@@ -90,7 +92,15 @@ def engine_from(config: pytest.Config) -> EngineSettings:
     if words[:4] == ["python", "-m", "reference_engine.run_stage", "{stage}"]:
         import sys
         words[0] = sys.executable
-    return EngineSettings(words, env)
+    return EngineSettings(words, env, _restart(config))
+
+
+def _restart(config: pytest.Config):
+    raw = _value(config, "engine_restart")
+    try:
+        return parse_restart(str(raw))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--engine-restart / ini engine_restart: {exc}") from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -127,7 +137,7 @@ def scenario_runner(request: pytest.FixtureRequest, broker, vhost, tmp_path: Pat
         windows = windows_from(config, scenario)
         name = request.node.nodeid if not runs else f"{request.node.nodeid}-{len(runs) + 1}"
         report_dir = prepare_report_dir(report_root, name)
-        settings = EngineSettings(engine.command, {**engine.env, **(engine_env or {})})
+        settings = EngineSettings(engine.command, {**engine.env, **(engine_env or {})}, engine.restart)
         result = run_scenario(scenario, broker, vhost.name, windows, settings, report_dir,
                               tmp_path / f"data{len(runs)}", progress)
         runs.append(result)

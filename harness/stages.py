@@ -7,6 +7,12 @@ the test's vhost (``OS2DS_ENGINE_USER_CONFIG_PATH``) and its
 captured to ``<report_dir>/stages/<instance>.log``. Nothing here knows which
 engine runs (ENGINE_CONTRACT.md section 1).
 
+Supervision: a stage under a restart policy (``stages[].restart`` or the run's
+default) is started again, as Docker's ``restart: on-failure`` would, when it
+exits on its own (not stopped or killed by the harness): after its backoff,
+doubled for each restart of the instance, up to the policy's limit. Only an
+exit the policy does not restart is returned by ``poll()``.
+
 Processes are addressed only by their PID / process group id, never by name.
 """
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 import tomli_w
 
 from harness.history import HistoryWriter
+from harness.scenario import MAX_BACKOFF, Restart
 
 DEFAULT_COMMAND = [sys.executable, "-m", "reference_engine.run_stage", "{stage}"]
 TAIL_LINES = 40
@@ -58,10 +65,15 @@ class StageExit:
     tail: str
     log_path: Path
     expected: bool = False  # stopped or killed by the harness itself
+    supervisor: str | None = None  # 'restarting' or 'gave_up' under a restart policy, else None
+    restarts: int = 0  # supervisor restarts of this instance before this exit
 
     def describe(self) -> str:
         lines = self.tail.rstrip("\n")
-        return (f"stage {self.name} (pid {self.pid}) exited early with {describe_returncode(self.returncode)}; "
+        after = ""
+        if self.supervisor == "gave_up":
+            after = f" after {self.restarts} supervisor restart{'s' if self.restarts != 1 else ''} (the policy's limit)"
+        return (f"stage {self.name} (pid {self.pid}) exited early with {describe_returncode(self.returncode)}{after}; "
                 f"last {TAIL_LINES} lines of {self.log_path}:\n{lines if lines else '(no output)'}")
 
 
@@ -94,6 +106,8 @@ class StageProcess:
         self.started_at = 0.0
         self.reported = False  # stage_exited recorded
         self.expect_exit = False  # the harness stops or kills it on purpose
+        self.restarts = 0  # by the supervisor (the restart policy), over the whole run
+        self.restart_due: float | None = None  # monotonic time of the supervisor's next start
 
     @property
     def pid(self) -> int:
@@ -174,7 +188,8 @@ class StageLauncher:
     """Starts, watches and stops the engine stages of one scenario run."""
 
     def __init__(self, command_template: list[str] | str | None, engine_env: dict[str, str] | None, broker,
-                 vhost_name: str, report_dir: Path, history: HistoryWriter, observer=None):
+                 vhost_name: str, report_dir: Path, history: HistoryWriter, observer=None,
+                 default_restart: Restart | None = None, progress=None):
         if command_template is None or command_template == "" or command_template == []:
             command_template = list(DEFAULT_COMMAND)
             self._default = True
@@ -195,6 +210,8 @@ class StageLauncher:
         self.stage_dir = self.report_dir / "stages"
         self.history = history
         self.observer = observer
+        self.default_restart = default_restart or Restart()
+        self.say = progress or (lambda text: None)
         self.processes: dict[str, StageProcess] = {}
         self._lock = threading.RLock()
 
@@ -247,11 +264,12 @@ class StageLauncher:
             started.append(proc)
         return started
 
-    def _spawn(self, proc: StageProcess) -> None:
+    def _spawn(self, proc: StageProcess, supervisor_restart: int = 0) -> None:
         log = open(proc.log_path, "ab")
         try:
             if proc.log_path.stat().st_size:
-                log.write(f"\n---- qp-harness: restarting {proc.name} ----\n".encode())
+                by = f" (supervisor restart {supervisor_restart})" if supervisor_restart else ""
+                log.write(f"\n---- qp-harness: restarting {proc.name}{by} ----\n".encode())
                 log.flush()
             proc.popen = subprocess.Popen(proc.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           env=proc.env, start_new_session=True, close_fds=True)
@@ -269,6 +287,7 @@ class StageLauncher:
         proc.started_at = time.time()
         proc.reported = False
         proc.expect_exit = False
+        proc.restart_due = None
         _register_group(proc.pid)
         if self.observer is not None:
             self.observer.register_stage(proc.name, proc.pid)
@@ -277,37 +296,72 @@ class StageLauncher:
         stage = proc.stage
         self.history.record("stage_started", stage=proc.name, role=proc.role, kind=proc.kind, pid=proc.pid,
                             queue_priority=list(stage.priority), read_queues=list(stage.read_queues),
-                            command=proc.argv, log=str(proc.log_path))
+                            command=proc.argv, log=str(proc.log_path), supervisor_restart=supervisor_restart)
 
     # ------------------------------------------------------------------ watch
     def poll(self, include_expected: bool = False) -> list[StageExit]:
         """Stages that exited since the last call (each reported once; ``stage_exited`` recorded).
 
         Exits the harness caused itself (``stop_all``, ``kill``, ``restart``) are recorded but
-        only returned with ``include_expected``.
+        only returned with ``include_expected``; exits the restart policy restarts are not
+        returned (the instance is started again once its backoff has passed, by a later call).
         """
         exits: list[StageExit] = []
         with self._lock:
+            self._start_due_restarts()
             for proc in list(self.processes.values()):
                 if proc.reported or proc.popen is None or proc.popen.poll() is None:
                     continue
                 exit_ = self._report(proc)
-                if include_expected or not exit_.expected:
-                    exits.append(exit_)
+                if exit_.expected and not include_expected or exit_.supervisor == "restarting":
+                    continue
+                exits.append(exit_)
         return exits
+
+    def restart_policy(self, stage) -> Restart:
+        own = getattr(stage, "restart", None)
+        return own if own is not None else self.default_restart
+
+    def _supervise(self, proc: StageProcess, returncode: int) -> str | None:
+        """What the restart policy does about this exit: 'restarting', 'gave_up' or None (not its business)."""
+        policy = self.restart_policy(proc.stage)
+        if proc.expect_exit or not policy.supervised or (policy.policy == "on-failure" and returncode == 0):
+            return None
+        if proc.restarts >= policy.limit:
+            return "gave_up"
+        proc.restarts += 1
+        backoff = min(policy.backoff * 2 ** (proc.restarts - 1), max(MAX_BACKOFF, policy.backoff))
+        proc.restart_due = time.monotonic() + backoff
+        self.say(f"stage {proc.name} exited with {describe_returncode(returncode)}; restart policy "
+                 f"{policy.policy}: restart {proc.restarts} of {policy.limit} in {backoff:g} s")
+        return "restarting"
+
+    def _start_due_restarts(self) -> None:
+        now = time.monotonic()
+        for proc in list(self.processes.values()):
+            if proc.restart_due is not None and now >= proc.restart_due and not proc.alive:
+                self._spawn(proc, supervisor_restart=proc.restarts)
 
     def _report(self, proc: StageProcess) -> StageExit:
         proc.reported = True
         returncode = proc.popen.returncode
         if not _group_alive(proc.pid):
             _unregister_group(proc.pid)
+        restarts = proc.restarts
+        supervisor = self._supervise(proc, returncode)
         try:
             self.history.record("stage_exited", stage=proc.name, pid=proc.pid, returncode=returncode,
-                                expected=proc.expect_exit)
+                                expected=proc.expect_exit, supervisor=supervisor)
         except Exception:
             pass
         return StageExit(proc.name, proc.role, proc.pid, returncode, proc.tail(TAIL_LINES), proc.log_path,
-                         proc.expect_exit)
+                         proc.expect_exit, supervisor, restarts)
+
+    @property
+    def restart_pending(self) -> bool:
+        """Some instance exited and its restart policy will start it again after the backoff."""
+        with self._lock:
+            return any(p.restart_due is not None for p in self.processes.values())
 
     def running(self) -> list[StageProcess]:
         with self._lock:
@@ -338,6 +392,7 @@ class StageLauncher:
 
     def _stop(self, procs: list[StageProcess], grace: float) -> list[StageExit]:
         for proc in procs:
+            proc.restart_due = None  # a stopped stage is not the supervisor's to start again
             proc.expect_exit = proc.expect_exit or proc.alive
             if _group_alive(proc.pid):
                 _signal_group(proc.pid, signal.SIGCONT)  # a paused stage cannot handle SIGTERM

@@ -19,11 +19,11 @@ def history(tmp_path):
 
 @pytest.fixture
 def make_launcher(broker, vhost, history, tmp_path):
-    """``make_launcher(command=FAKE_STAGE, env=None, observer=None)``: launchers stopped after the test."""
+    """``make_launcher(command=FAKE_STAGE, env=None, observer=None, restart=None)``: launchers stopped after the test."""
     launchers = []
 
-    def make(command=FAKE_STAGE, env=None, observer=None):
-        launcher = StageLauncher(command, env or {}, broker, vhost.name, tmp_path, history, observer)
+    def make(command=FAKE_STAGE, env=None, observer=None, restart=None):
+        launcher = StageLauncher(command, env or {}, broker, vhost.name, tmp_path, history, observer, restart)
         launchers.append(launcher)
         return launcher
 

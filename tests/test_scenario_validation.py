@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from harness import plugin as harness_plugin
-from harness.scenario import (CLAUSE_IDS, FAULT_KINDS, Scenario, ScenarioError, json_schema, load_scenario,
-                              parse_scenario)
+from harness.scenario import (CLAUSE_IDS, FAULT_KINDS, Restart, Scenario, ScenarioError, json_schema, load_scenario,
+                              parse_restart, parse_scenario)
 
 ROOT = Path(__file__).resolve().parent.parent
 ERRORS = sorted((ROOT / "tests" / "scenario_errors").glob("*.yaml"))
@@ -124,6 +124,33 @@ def test_queue_priority_is_read_like_the_engine():
     assert stage.queue_priority == ["q1", "q2", "q1", "q3"]  # duplicates kept: CF-NO-DUP judges them
     assert stage.priority == ["q1", "q2", "q3"]
     assert stage.env == {"REFERENCE_WORK_SECONDS": "0.02"}
+
+
+def test_a_stage_restart_policy_is_read_as_docker_spells_it():
+    stages = parse_scenario({**MINIMAL, "stages": [
+        {"name": "w", "kind": "worker", "restart": {"policy": "on-failure", "limit": 5, "backoff": 2}},
+        {"name": "v", "kind": "worker", "restart": {"policy": False}},  # YAML's unquoted no
+        {"name": "u", "kind": "worker"},
+    ]}, "x").stages
+    assert stages[0].restart == Restart(policy="on-failure", limit=5, backoff=2.0)
+    assert stages[1].restart == Restart(policy="no") and not stages[1].restart.supervised
+    assert stages[2].restart is None  # the run's --engine-restart decides
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("on-failure", Restart(policy="on-failure")),
+    ("on-failure:5", Restart(policy="on-failure", limit=5)),
+    ("always:0:0.5", Restart(policy="always", limit=0, backoff=0.5)),
+    ("no", Restart()),
+])
+def test_the_engine_restart_option_is_parsed(text, expected):
+    assert parse_restart(text) == expected
+
+
+@pytest.mark.parametrize("text", ["sometimes", "on-failure:x", "on-failure:-1", "on-failure:1:2:3", "always:1:99"])
+def test_a_bad_engine_restart_option_is_refused_with_its_form(text):
+    with pytest.raises(ValueError, match=r"POLICY\[:LIMIT\[:BACKOFF\]\]"):
+        parse_restart(text)
 
 
 @pytest.mark.parametrize("fault", [

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from harness.observer import Observer
-from harness.scenario import Stage
+from harness.scenario import Restart, Stage
 from harness.stages import DEFAULT_COMMAND, StageExited, StageStartError
 
 FAKE_STAGE = [sys.executable, str(Path(__file__).parent / "helpers" / "fake_stage.py"), "{stage}"]
@@ -99,6 +99,56 @@ def test_a_stage_that_exits_at_once_is_reported(make_launcher, history):
     assert launcher.poll() == []  # reported once
     [exited] = [e for e in history.events if e["type"] == "stage_exited"]
     assert exited["stage"] == "crash" and exited["returncode"] == 3 and exited["expected"] is False
+
+
+def test_a_supervised_stage_is_restarted_with_backoff_up_to_its_limit(make_launcher, history):
+    launcher = make_launcher()
+    restart = Restart(policy="on-failure", limit=2, backoff=0.3)
+    [proc] = launcher.start(Stage(name="crash", kind="worker", env={"FAKE_EXIT": "5", "FAKE_LINES": "3"},
+                                  restart=restart))
+    exits = wait_until(launcher.poll, 20)  # two restarts pass silently: only the third exit is an error
+    assert [(e.name, e.returncode, e.supervisor, e.restarts) for e in exits] == [("crash", 5, "gave_up", 2)]
+    assert "after 2 supervisor restarts" in str(StageExited.from_exits(exits))
+    starts = [e for e in history.events if e["type"] == "stage_started"]
+    assert [e["supervisor_restart"] for e in starts] == [0, 1, 2]
+    ended = [e for e in history.events if e["type"] == "stage_exited"]
+    assert [e["supervisor"] for e in ended] == ["restarting", "restarting", "gave_up"]
+    # the backoff doubles: 0.3 s, then 0.6 s
+    assert starts[1]["t"] - ended[0]["t"] >= 0.3 and starts[2]["t"] - ended[1]["t"] >= 0.6
+    assert "supervisor restart 2" in proc.tail(60)
+
+
+def test_the_run_default_applies_where_a_stage_sets_no_policy(make_launcher, history):
+    launcher = make_launcher(restart=Restart(policy="on-failure", limit=1, backoff=0))
+    launcher.start(Stage(name="own", kind="worker", env={"FAKE_EXIT": "5"}, restart=Restart(policy="no")))
+    launcher.start(Stage(name="default", kind="worker", env={"FAKE_EXIT": "5"}))
+    launcher.start(Stage(name="clean", kind="worker", env={"FAKE_EXIT": "0"}))  # on-failure: exit 0 is final
+    seen = []
+    assert wait_until(lambda: seen.extend(launcher.poll()) or len(seen) == 3, 20), seen
+    assert sorted((e.name, e.supervisor) for e in seen) == [("clean", None), ("default", "gave_up"), ("own", None)]
+
+
+def test_an_exit_the_harness_caused_is_not_restarted(make_launcher, history):
+    launcher = make_launcher(restart=Restart(policy="always", limit=5, backoff=0))
+    [proc] = launcher.start(Stage(name="w", kind="worker", queue_priority=["q"]))
+    assert wait_until(lambda: "consuming q" in proc.tail(), 15)
+    launcher.kill("w", signal.SIGKILL)
+    assert wait_until(lambda: gone(proc.pid), 5)
+    time.sleep(0.2)
+    assert launcher.poll() == [] and launcher.running() == []
+    assert [e["supervisor"] for e in history.events if e["type"] == "stage_exited"] == [None]
+
+
+def test_stop_all_cancels_a_pending_restart(make_launcher, history):
+    launcher = make_launcher(restart=Restart(policy="on-failure", limit=3, backoff=0.5))
+    [proc] = launcher.start(Stage(name="crash", kind="worker", env={"FAKE_EXIT": "5"}))
+    assert wait_until(lambda: proc.popen.poll() is not None, 10)
+    assert launcher.poll() == [] and launcher.restart_pending  # restart scheduled
+    launcher.stop_all(grace=1)
+    assert not launcher.restart_pending
+    time.sleep(0.7)
+    assert launcher.poll() == [] and launcher.running() == []
+    assert len([e for e in history.events if e["type"] == "stage_started"]) == 1
 
 
 def test_stop_all_leaves_no_process(make_launcher, history):

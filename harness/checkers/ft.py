@@ -42,6 +42,35 @@ def _exit_between(sv, a, b, ctx: Context | None = None):
     return None
 
 
+def _supervisor_restart(sv, ex):
+    """The start by which a restart policy answered the exit ``ex`` (a non-zero exit it restarts), ``ex``
+    itself when the run ended during the backoff, or None when no supervisor restarted it."""
+    if ex.get("supervisor") != "restarting" or not ex.get("returncode"):
+        return None
+    return next((st for st in sv.starts if st["t"] >= ex["t"] and st.get("supervisor_restart")), ex)
+
+
+def _restarts_after(sv, t: float) -> int:
+    return sum(1 for st in sv.starts if st["t"] > t and st.get("supervisor_restart"))
+
+
+def _restarts_note(sv, since: float) -> str:
+    """The supervisor restarts of ``sv`` after ``since``, for a finding about an exit (none: empty)."""
+    n = _restarts_after(sv, since)
+    return (f"; its restart policy restarted it {n} time{'s' if n != 1 else ''} from then on "
+            f"(a restart does not excuse the exit)") if n else ""
+
+
+def _not_restarted(sv, ex, since: float) -> str:
+    """Why the exit ``ex`` does not count as a reconnect."""
+    if ex.get("supervisor") == "gave_up":
+        n = _restarts_after(sv, since)
+        return f"its restart policy gave up after {n} restart{'s' if n != 1 else ''}"
+    if ex.get("supervisor") == "restarting":
+        return "exit code 0: a stage that ends as if done has not failed, its restart is no reconnect"
+    return "no restart policy restarted it"
+
+
 def _deliveries(ctx: Context) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for e in ctx.history.of("deliver"):
@@ -160,7 +189,7 @@ def check_poison(ctx: Context) -> ClauseResult:
                     findings.append(Finding(
                         "FT-POISON",
                         f"Stage {sv.name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])}, "
-                        f"{ex['t'] - t0:.1f} s after a poison message was put in {q}.",
+                        f"{ex['t'] - t0:.1f} s after a poison message was put in {q}{_restarts_note(sv, t0)}.",
                         sv.name, [q], t0, ex["t"], [poison[0], ex]))
             ptype = (poison[0].get("msg") or {}).get("type")
             pdel = [e for e in ctx.history.of("deliver") if e["t"] >= t0 and e.get("queue") == q
@@ -210,8 +239,10 @@ def _unreported_poison(ctx: Context, delivered, problems: list[float]) -> list[F
 
 def check_reconnect(ctx: Context) -> ClauseResult:
     """Rule, per connection-close fault on stage S, timed from the broker's connection_closed (or
-    channel_closed) for S within 30 s of the request: (a) S does not exit before it consumes again;
-    (b) S creates a consumer again within G of the close (not judged when the run ends first);
+    channel_closed) for S within 30 s of the request: (a) S does not exit before it consumes again,
+    unless its restart policy restarted it after a non-zero exit (the supervisor's restart is the
+    reconnect; every exit before S consumes again must be one); (b) S creates a consumer again
+    within G of the close, or of its last supervisor restart (not judged when the run ends first);
     (c) it holds a consumer on its first queue within W of that first new consumer; (d) no planned
     object is lost (DL-EXACTLY-ONCE's tally; duplicates allowed)."""
     W, G = ctx.windows.W, ctx.windows.G
@@ -221,7 +252,7 @@ def check_reconnect(ctx: Context) -> ClauseResult:
     # The fault closes connections; a channel close stands in only when no connection close was seen
     # (a stage closing a channel of its own is not the fault taking effect).
     conn_closes, chan_closes = ctx.history.of("connection_closed"), ctx.history.of("channel_closed")
-    findings, judged = [], 0
+    findings, judged, supervised = [], 0, 0
     for f in faults:
         name = f.get("target")
         sv = ctx.stages.get(name)
@@ -238,19 +269,28 @@ def check_reconnect(ctx: Context) -> ClauseResult:
         judged += 1
         again = sorted(c.start for c in sv.consumers if c.start > tc)
         tr = again[0] if again else None
-        ex = _exit_between(sv, tc, min(tr if tr is not None else ctx.teardown, ctx.teardown), ctx)
+        until = min(tr if tr is not None else ctx.teardown, ctx.teardown)
+        ex, restart = _exit_between(sv, tc, until, ctx), None
+        while ex is not None and (answer := _supervisor_restart(sv, ex)) is not None:
+            restart = answer
+            ex = _exit_between(sv, ex["t"], until, ctx)
         if ex is not None:
             findings.append(Finding(
                 "FT-RECONNECT",
                 f"Stage {name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])} instead of reconnecting "
-                f"after the broker closed its connection at {ctx.rel(tc)}.", name, [], tc, ex["t"], [ev, ex]))
+                f"after the broker closed its connection at {ctx.rel(tc)} ({_not_restarted(sv, ex, tc)}).",
+                name, [], tc, ex["t"], [ev, ex]))
             continue
-        if tr is None or tr - tc > G:
-            if min(ctx.end, ctx.teardown) - tc > G:
+        supervised += restart is not None
+        since = restart["t"] if restart is not None else tc
+        if tr is None or tr - since > G:
+            if min(ctx.end, ctx.teardown) - since > G:
+                after = f"its supervisor restart at {ctx.rel(since)}" if restart is not None else \
+                    f"the broker closed its connection at {ctx.rel(tc)}"
                 findings.append(Finding(
                     "FT-RECONNECT",
-                    f"Stage {name} did not consume again within G = {G:g} s after the broker closed its connection "
-                    f"at {ctx.rel(tc)}.", name, [], tc, tc + G, [ev]))
+                    f"Stage {name} did not consume again within G = {G:g} s after {after}.",
+                    name, [], since, since + G, [ev]))
             continue
         if sv.priority:
             q0 = sv.priority[0]
@@ -268,7 +308,9 @@ def check_reconnect(ctx: Context) -> ClauseResult:
         findings.append(Finding("FT-RECONNECT",
                                 f"{len(lost)} of {len(t.expected)} objects were lost across the reconnect: {_ex(lost)}.",
                                 None, [], None, None, [{"lost": [list(k) for k in lost[:50]]}]))
-    return ClauseResult("FT-RECONNECT", "failed" if findings else "passed", f"{judged} connection closes judged", findings)
+    exercised = f"{judged} connection closes judged" + (f" ({supervised} answered by a supervisor restart)"
+                                                           if supervised else "")
+    return ClauseResult("FT-RECONNECT", "failed" if findings else "passed", exercised, findings)
 
 
 CHECKS = {"FT-QUEUE-GONE": check_queue_gone, "FT-POISON": check_poison, "FT-RECONNECT": check_reconnect}

@@ -24,10 +24,10 @@ class HB:
         return self
 
     # stages and consumers
-    def stage(self, t, name, priority=("q0", "q1", "q2"), kind="worker", create_queues=True):
+    def stage(self, t, name, priority=("q0", "q1", "q2"), kind="worker", create_queues=True, supervisor_restart=0):
         prio = list(priority)
         self.ev(t, "stage_started", stage=name, role=name.split("#")[0], kind=kind, pid=100 + len(self.events),
-                queue_priority=prio, read_queues=prio or ["os2ds_conversions"])
+                queue_priority=prio, read_queues=prio or ["os2ds_conversions"], supervisor_restart=supervisor_restart)
         if create_queues:
             for q in prio:
                 self.ev(t + 0.5, "queue_created", queue=q, durable=True, auto_delete=False, arguments=[])
@@ -43,8 +43,14 @@ class HB:
         tag = self._tags[(stage, queue)].pop()
         return self.ev(t, "consumer_deleted", stage=stage, queue=queue, tag=tag, chan=f"chan-{stage}")
 
-    def exit(self, t, stage, rc=0):
-        return self.ev(t, "stage_exited", stage=stage, pid=0, returncode=rc)
+    def exit(self, t, stage, rc=0, supervisor=None):
+        """``supervisor``: 'restarting' or 'gave_up' when a restart policy applies (see stages.py)."""
+        return self.ev(t, "stage_exited", stage=stage, pid=0, returncode=rc, supervisor=supervisor)
+
+    def supervised_restart(self, t_exit, stage, rc, n, backoff=1.0, priority=("q0", "q1", "q2")):
+        """A non-zero exit the restart policy answers: stage_exited, then its n-th restart after ``backoff``."""
+        self.exit(t_exit, stage, rc, supervisor="restarting")
+        return self.stage(t_exit + backoff, stage, priority, create_queues=False, supervisor_restart=n)
 
     def conn_closed(self, t, stage):
         return self.ev(t, "connection_closed", conn=f"conn-{stage}", name="x", stage=stage)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from harness.checkers import check_all, lint
+from harness.checkers._common import build_context
 from harness.scenario import parse_scenario
 
-from .builder import HB, WINDOWS, judge
+from .builder import HB, T0, WINDOWS, judge, scenario
 
 
 def sc(clients, stages):
@@ -228,3 +229,72 @@ def test_reconnect_close_at_teardown_is_not_the_fault_taking_effect():
     hb.phase(14, "teardown").cancel(14.05, "worker", "q0").conn_closed(14.06, "worker").exit(14.3, "worker")
     r = judge(hb, "FT-RECONNECT")
     assert r.outcome == "not_exercised" and "the broker closed no stage connection" in r.exercised
+
+
+# -- FT-RECONNECT under a restart policy (the stage exits on the close and its supervisor restarts it)
+
+def supervised_reconnect(exit_rc=5, supervisor="restarting", back_at=14.0, crash_again=None):
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0")
+    hb.fault(10, "close_connection", "worker").cancel(12, "worker", "q0").conn_closed(12.01, "worker")
+    if supervisor == "restarting":
+        hb.supervised_restart(12.2, "worker", exit_rc, 1)
+    else:
+        hb.exit(12.2, "worker", exit_rc, supervisor=supervisor)
+    if crash_again:
+        hb.exit(13.5, "worker", exit_rc, supervisor=crash_again)
+    elif back_at is not None:
+        hb.consume(back_at, "worker", "q0")
+    hb.plan(0.5, "s1", ["a"]).publish(20, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", object="a")
+    return hb.phase(60, "teardown").finish(60.5)
+
+
+def test_reconnect_passes_when_the_restart_policy_restarts_the_stage():
+    r = judge(supervised_reconnect(), "FT-RECONNECT")
+    assert r.outcome == "passed", r.findings
+    assert r.exercised == "1 connection closes judged (1 answered by a supervisor restart)"
+
+
+def test_a_supervised_restart_is_not_reported_by_other_clauses():
+    hb = supervised_reconnect()
+    for clause in ("QP-FIRST-PINNED", "QP-DECLARE", "DL-EXACTLY-ONCE"):
+        assert judge(hb, clause).outcome in ("passed", "not_exercised"), clause
+    ctx = build_context(hb.history(), scenario(), WINDOWS)
+    assert [(round(a - T0, 1), round(b - T0, 1)) for a, b in ctx.stages["worker"].lives] == [(0.0, 12.2), (13.2, 60.5)]
+
+
+def test_reconnect_fails_when_the_stage_exits_without_a_restart_policy():
+    r = judge(supervised_reconnect(supervisor=None), "FT-RECONNECT")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == ("Stage worker exited (code 5) at +12.2 s instead of reconnecting after the "
+                                         "broker closed its connection at +12.0 s (no restart policy restarted it).")
+
+
+def test_reconnect_fails_when_the_restart_policy_gives_up():
+    r = judge(supervised_reconnect(crash_again="gave_up"), "FT-RECONNECT")
+    assert r.outcome == "failed"
+    assert "exited (code 5) at +13.5 s" in r.findings[0].explanation
+    assert "(its restart policy gave up after 1 restart)" in r.findings[0].explanation
+
+
+def test_a_clean_exit_restarted_by_policy_always_is_no_reconnect():
+    r = judge(supervised_reconnect(exit_rc=0), "FT-RECONNECT")
+    assert r.outcome == "failed" and "exit code 0" in r.findings[0].explanation
+
+
+def test_reconnect_fails_when_the_restarted_stage_does_not_consume_within_g():
+    r = judge(supervised_reconnect(back_at=None), "FT-RECONNECT")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == ("Stage worker did not consume again within G = 30 s after its supervisor "
+                                         "restart at +13.2 s.")
+
+
+def test_a_crash_loop_on_poison_fails_under_a_restart_policy():
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").levels(0, 40, {"q0": [(0, 0), (10, 5), (16, 0)]})
+    hb.fault(10, "poison", "q0", shape="not_json").publish(10.1, "q0", "Unparseable", stage=None)
+    hb.deliver(10.2, "q0", "worker", "Unparseable").supervised_restart(10.3, "worker", 3, 1)
+    hb.deliver(11.5, "q0", "worker", "Unparseable", redelivered=True).exit(11.6, "worker", 3, supervisor="gave_up")
+    r = judge(hb.phase(40, "teardown").finish(40.5), "FT-POISON")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == (
+        "Stage worker exited (code 3) at +10.3 s, 0.2 s after a poison message was put in q0; its restart policy "
+        "restarted it 1 time from then on (a restart does not excuse the exit).")

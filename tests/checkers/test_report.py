@@ -4,7 +4,7 @@ from __future__ import annotations
 from harness.checkers import check_all
 from harness.report import format_failure, format_summary, render_timeline
 
-from .builder import WINDOWS, scenario
+from .builder import HB, T0, WINDOWS, scenario
 from .test_qp import switch_history
 
 
@@ -39,3 +39,18 @@ def test_timeline_png(tmp_path):
     out = render_timeline(h, res, tmp_path / "sub" / "timeline.png", WINDOWS)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_the_timeline_marks_a_stages_own_exits_and_its_supervisor_restarts(tmp_path):
+    from harness.checkers._common import build_context
+    from harness.report import lane_marks
+
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").supervised_restart(5, "worker", 5, 1)
+    hb.consume(6.5, "worker", "q0").phase(20, "teardown")
+    hb.ev(20.2, "stage_exited", stage="worker", pid=0, returncode=0, expected=True)  # the harness stopped it
+    h = hb.finish(20.5).history()
+    marks = lane_marks(build_context(h, None, WINDOWS).stages["worker"])
+    assert [(round(t - T0, 1), kind, label) for t, kind, label in marks] == [
+        (5.0, "exit", "exit 5"), (6.0, "restart", "restart 1")]
+    out = render_timeline(h, check_all(h, scenario(), WINDOWS), tmp_path / "timeline.png", WINDOWS)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

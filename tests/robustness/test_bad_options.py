@@ -25,6 +25,8 @@ CASES = [
     (["--engine-env", "NOEQUALS"], "engine_env = NOEQUALS",
      ["--engine-env / ini engine_env", "expected KEY=VALUE, got 'NOEQUALS'"]),
     (["--engine-env", "=value"], None, ["--engine-env / ini engine_env", "expected KEY=VALUE, got '=value'"]),
+    (["--engine-restart", "sometimes"], "engine_restart = on-failure:lots",
+     ["--engine-restart / ini engine_restart", "POLICY[:LIMIT[:BACKOFF]]"]),
     (["--timeline", "sometimes"], "timeline = sometimes", ["--timeline", "'sometimes'", "failed", "all", "none"]),
     (["--rabbitmq-provider", "nope"], "rabbitmq_provider = nope",
      ["--rabbitmq-provider", "'nope'", "auto", "external", "docker", "local"]),
