@@ -91,7 +91,9 @@ _ALL = [
           "its queue unacked.", may_also=("QP-PROGRESS", "DL-EXACTLY-ONCE")),
     Fault("requeue_poison", ("FT-POISON",),
           "A message that cannot be parsed is rejected WITH requeue and no problem is "
-          "reported, so it is redelivered forever.", may_also=("QP-PROGRESS",)),
+          "reported, so it is redelivered forever.",
+          # The loop takes a prefetch slot from real work: a queue kept filled is not finished in time.
+          may_also=("QP-PROGRESS", "DL-EXACTLY-ONCE")),
     Fault("die_on_queue_gone", ("FT-QUEUE-GONE",),
           "When one of its queues disappears (consumer cancelled by the broker, or a passive "
           "declare answers 404) the stage exits with code 4.",
