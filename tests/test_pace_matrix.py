@@ -40,6 +40,7 @@ def child_command(broker, point: str) -> list[str]:
             "--qp-report-dir", f"reports/pace-matrix/{point}", *settings]
 
 
+@pytest.mark.pace_matrix
 @pytest.mark.parametrize("point", list(POINTS))
 def test_the_suite_passes_at_this_pace(broker, point):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QP_"))}
