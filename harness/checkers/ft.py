@@ -154,7 +154,8 @@ def check_poison(ctx: Context) -> ClauseResult:
     """Rule, per poison fault on queue q (or on a stage: its read queues): the poison messages are the
     harness's publishes to q within [fault - 1 s, fault + 5 s], cut short by the next poison fault on
     the same target (Unparseable ones when there are any). Then (a) no stage reading q exits before
-    teardown; (b) the poison is not requeued in a loop: at most 2 deliveries per poison message;
+    teardown; (b) the poison is not requeued in a loop: at most 2 deliveries per poison message over the
+    run (see _requeued_poison);
     (c) a ProblemMessage is published (or read from an output queue) for each poison message, after
     its first delivery (see _unreported_poison); (d) while a stage holds a consumer on q and q has
     ready messages, something is delivered from q at least every 2W."""
@@ -194,12 +195,6 @@ def check_poison(ctx: Context) -> ClauseResult:
             ptype = (poison[0].get("msg") or {}).get("type")
             pdel = [e for e in ctx.history.of("deliver") if e["t"] >= t0 and e.get("queue") == q
                     and (e.get("msg") or {}).get("type") == ptype and ptype == UNPARSEABLE]
-            if len(pdel) > 2 * len(poison):
-                findings.append(Finding(
-                    "FT-POISON",
-                    f"The poison message in {q} was delivered {len(pdel)} times (from {ctx.rel(pdel[0]['t'])} to "
-                    f"{ctx.rel(pdel[-1]['t'])}): it is requeued instead of rejected.",
-                    pdel[0].get("stage"), [q], pdel[0]["t"], pdel[-1]["t"], pdel[:3]))
             if pdel:
                 delivered.append((pdel[0]["t"], len(poison), q, pdel[0]))
             times = sorted(e["t"] for e in ctx.history.of("deliver") if e.get("queue") == q)
@@ -212,10 +207,30 @@ def check_poison(ctx: Context) -> ClauseResult:
                     f"Queue {q} was blocked after the poison message: consumed and holding ready messages, yet "
                     f"nothing was delivered from it for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}).",
                     None, [q], gap[0], gap[1], poison[:1]))
+    findings += _requeued_poison(ctx, {f.get("target") for f in faults})
     findings += _unreported_poison(ctx, delivered, problems)
     if judged == 0 and not findings:
         return ClauseResult("FT-POISON", "not_exercised", f"{len(faults)} poison faults, no poison publish into a consumed queue seen")
     return ClauseResult("FT-POISON", "failed" if findings else "passed", f"{judged} poison messages judged", findings)
+
+
+def _requeued_poison(ctx: Context, queues: set) -> list[Finding]:
+    """(b) over the whole run, per poisoned queue: Unparseable deliveries from it number at most twice the
+    harness's Unparseable publishes into it. Counted over the run, not per fault, because firehose
+    stamps run late under load and would hand one fault's poison to the next fault's window."""
+    findings = []
+    for q in sorted(x for x in queues if x):
+        published = sum(1 for e in ctx.history.of("publish") if e.get("routing_key") == q
+                        and e.get("stage") in ("harness", None) and (e.get("msg") or {}).get("type") == UNPARSEABLE)
+        pdel = [e for e in ctx.history.of("deliver") if e.get("queue") == q
+                and (e.get("msg") or {}).get("type") == UNPARSEABLE]
+        if published and len(pdel) > 2 * published:
+            findings.append(Finding(
+                "FT-POISON",
+                f"The {published} poison message(s) put in {q} were delivered {len(pdel)} times (from "
+                f"{ctx.rel(pdel[0]['t'])} to {ctx.rel(pdel[-1]['t'])}): they are requeued instead of rejected.",
+                pdel[0].get("stage"), [q], pdel[0]["t"], pdel[-1]["t"], pdel[:3]))
+    return findings
 
 
 def _unreported_poison(ctx: Context, delivered, problems: list[float]) -> list[Finding]:

@@ -140,7 +140,24 @@ def test_poison_passes():
 def test_poison_fails_on_requeue_loop():
     r = judge(poison(deliveries=6), "FT-POISON")
     assert r.outcome == "failed"
-    assert "was delivered 6 times" in r.findings[0].explanation
+    assert "were delivered 6 times" in r.findings[0].explanation
+
+
+def test_poison_split_across_two_faults_by_late_stamps_is_no_requeue_loop():
+    # Seen on a loaded machine: the firehose stamped the second not_json publish after the next
+    # poison fault, so one fault owned 1 publish and saw 3 Unparseable deliveries from its t0.
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").levels(0, 40, {"q0": [(0, 0), (10, 5), (16, 0)]})
+    hb.fault(10, "poison", "q0", shape="not_json", count=2).publish(10.4, "q0", "Unparseable", stage=None)
+    hb.fault(10.5, "poison", "q0", shape="missing_fields")
+    hb.publish(11.0, "q0", "Unparseable", stage=None).publish(12.0, "q0", "Unparseable", stage=None)
+    for t in (11.7, 11.7, 12.9):
+        hb.deliver(t, "q0", "worker", "Unparseable")
+    for t in (11.8, 11.8, 13.0):
+        hb.publish(t, "os2ds_problems", "ProblemMessage", stage="worker")
+    for k in range(5):
+        hb.deliver(13.5 + k, "q0", "worker", "ConversionMessage")
+    r = judge(hb, "FT-POISON")
+    assert not any("requeued" in f.explanation for f in r.findings), [f.explanation for f in r.findings]
 
 
 def test_poison_fails_without_problem_report():
