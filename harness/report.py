@@ -101,7 +101,7 @@ def format_latency(r: ClauseResult) -> str:
 def format_summary(results: Iterable[ClauseResult]) -> str:
     """One line per clause: id, outcome, how often exercised; then the cancel latencies."""
     results = list(results)
-    marks = {"passed": "PASS", "failed": "FAIL", "not_exercised": "n/e "}
+    marks = {"passed": "PASS", "failed": "FAIL", "not_exercised": "n/e ", "error": "ERR "}
     lines = []
     for r in results:
         extra = f" ({len(r.findings)} findings)" if r.failed else ""
@@ -111,6 +111,8 @@ def format_summary(results: Iterable[ClauseResult]) -> str:
             lines.append(f"  switch latency: {format_latency(r)}")
     n = {k: sum(1 for r in results if r.outcome == k) for k in marks}
     head = f"qp-harness: {n['passed']} passed, {n['failed']} failed, {n['not_exercised']} not exercised"
+    if n["error"]:
+        head += f", {n['error']} checker error(s)"
     return "\n".join([head] + lines)
 
 

@@ -193,7 +193,7 @@ def assert_scenario(result: RunResult) -> None:
     from harness.report import format_failure
     checks = result.scenario.checks
     expected = set(checks.expect_fail)
-    unexpected = [r for r in result.failed if r.clause not in expected]
+    unexpected = [r for r in result.results if (r.failed and r.clause not in expected) or r.errored]
     missing = [c for c in sorted(expected) if not result.result(c).failed]
     unexercised = [r for r in result.results
                    if checks.clauses and r.clause in checks.clauses and r.outcome == "not_exercised"]
@@ -215,6 +215,10 @@ def _failure_text(result: RunResult, problems: list[ClauseResult], format_failur
         from harness.pace import pace_lines
         lines.append("what this engine did in the run (the scenario must create the situation at this pace):")
         lines += [f"  {line}" for line in pace_lines(result.history, result.windows)]
+    for p in problems:
+        if p.errored:  # no verdict: the harness's own bug, reported with its traceback
+            lines.append(f"{p.clause}: {p.exercised} (a bug of qp-harness; the other clauses were judged)\n"
+                         f"{p.metrics.get('traceback', '')}".rstrip())
     lines += [f"the run itself failed: {problem}" for problem in result.problems]
     if result.reason != "complete":
         lines.append(f"(the run ended by {result.reason})")
@@ -294,7 +298,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         failed += "".join(f"  RUN PROBLEM: {p}" for p in entry.get("problems", []))
         passed = sum(1 for o in entry["outcomes"].values() if o == "passed")
         idle = sum(1 for o in entry["outcomes"].values() if o == "not_exercised")
-        tr.write_line(f"{entry['test']}: {passed} passed, {idle} not exercised{failed}{figure}")
+        broken = sum(1 for o in entry["outcomes"].values() if o == "error")
+        errors = f", {broken} checker error(s)" if broken else ""
+        tr.write_line(f"{entry['test']}: {passed} passed, {idle} not exercised{errors}{failed}{figure}")
         if entry.get("timeline"):
             tr.write_line(f"    timeline: {entry['timeline']}")
         if entry["outcome"] != "passed":

@@ -18,6 +18,7 @@ Processes are addressed only by their PID / process group id, never by name.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -128,6 +129,15 @@ class StageProcess:
         return f"<StageProcess {self.name} pid={self.pid} rc={self.returncode}>"
 
 
+# Terminal escape sequences (colours, cursor moves, window titles) that engines' loggers write:
+# CSI "ESC [ ... final byte", OSC "ESC ] ... BEL or ESC \\", and two-byte escapes.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+
+
+def strip_escapes(text: str) -> str:
+    return _ESCAPES.sub("", text)
+
+
 def read_tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = 256 * 1024) -> str:
     try:
         with open(path, "rb") as f:
@@ -137,7 +147,7 @@ def read_tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = 256 * 1024) 
             data = f.read()
     except OSError:
         return ""
-    text = data.decode("utf-8", errors="replace")
+    text = strip_escapes(data.decode("utf-8", errors="replace"))
     return "\n".join(text.splitlines()[-lines:])
 
 

@@ -231,3 +231,10 @@ def test_the_reference_engine_runs_under_the_default_command(make_launcher, brok
         assert observer.wait_for(lambda: not observer.consumers_of("ref"), timeout=10)
     finally:
         observer.stop()
+
+
+def test_log_tails_lose_terminal_colour_codes(tmp_path):
+    from harness.stages import read_tail
+    log = tmp_path / "worker.log"
+    log.write_bytes(b"\x1b[32mINFO\x1b[0m started\n\x1b]0;title\x07\x1b[1;31mERROR\x1b[0m boom\n")
+    assert read_tail(log) == "INFO started\nERROR boom"

@@ -102,11 +102,22 @@ def check_all(history, scenario=None, windows: Windows | None = None,
             else:
                 out.append(STATIC_CHECKS[cid](scenario))
             continue
-        if ctx is None:
-            ctx = build_context(history, scenario, windows)
-        out.append(HISTORY_CHECKS[cid](ctx))
+        try:
+            if ctx is None:
+                ctx = build_context(history, scenario, windows)
+            out.append(HISTORY_CHECKS[cid](ctx))
+        except Exception as exc:  # Jepsen's check-safe: one broken checker must not cost the others their verdict
+            out.append(checker_error(cid, exc))
     return out
 
 
+def checker_error(clause: str, exc: BaseException) -> ClauseResult:
+    """The outcome of a checker that raised: no verdict, with the traceback for the report."""
+    import traceback
+    text = "".join(traceback.format_exception(exc))
+    return ClauseResult(clause, "error", f"checker error: {type(exc).__name__}: {exc}",
+                        metrics={"traceback": text})
+
+
 __all__ = ["CLAUSES", "CLAUSE_IDS", "TITLES", "ClauseResult", "Context", "Finding", "Windows", "build_context",
-           "check_all", "lint", "rules", "select", "windows_for"]
+           "check_all", "checker_error", "lint", "rules", "select", "windows_for"]

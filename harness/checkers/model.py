@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Outcome = Literal["passed", "failed", "not_exercised"]
+# "error": the checker itself raised; the clause has no verdict (never a pass), the traceback is in metrics.
+Outcome = Literal["passed", "failed", "not_exercised", "error"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,7 @@ class ClauseResult:
     @property
     def failed(self) -> bool:
         return self.outcome == "failed"
+
+    @property
+    def errored(self) -> bool:
+        return self.outcome == "error"

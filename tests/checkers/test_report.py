@@ -54,3 +54,21 @@ def test_the_timeline_marks_a_stages_own_exits_and_its_supervisor_restarts(tmp_p
         (5.0, "exit", "exit 5"), (6.0, "restart", "restart 1")]
     out = render_timeline(h, check_all(h, scenario(), WINDOWS), tmp_path / "timeline.png", WINDOWS)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_checker_that_raises_costs_only_its_own_verdict(monkeypatch):
+    from harness import checkers
+
+    def broken(ctx):
+        raise KeyError("no such stage")
+
+    monkeypatch.setitem(checkers.HISTORY_CHECKS, "QP-PRECEDENCE", broken)
+    h = switch_history(13.0).history()
+    res = {r.clause: r for r in check_all(h, scenario(), WINDOWS)}
+    assert res["QP-PRECEDENCE"].errored and res["QP-PRECEDENCE"].outcome != "passed"
+    assert "KeyError" in res["QP-PRECEDENCE"].exercised
+    assert "raise KeyError" in res["QP-PRECEDENCE"].metrics["traceback"]
+    assert res["QP-CANCEL-WINDOW"].outcome == "passed"  # the others were still judged
+    summary = format_summary(res.values())
+    assert "1 checker error(s)" in summary.splitlines()[0]
+    assert "QP-PRECEDENCE     ERR" in summary
