@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from harness.checkers._common import Context, fault_family
 from harness.checkers.model import ClauseResult, Finding
+from harness.checkers.rt import routing
 
 RESULT_QUEUE = "os2ds_matches"
 PROBLEM_QUEUE = "os2ds_problems"
@@ -26,15 +27,20 @@ class Tally:
     gone: set = field(default_factory=set)  # objects whose conversion went to a queue a fault deleted
     aborted: set = field(default_factory=set)  # scans the admin aborted with a command
     redelivered: set = field(default_factory=set)  # objects (or (scan, None) for a spec) handed out again
+    unroutable: set = field(default_factory=set)  # objects whose conversion no queue received (RT-ROUTABLE's)
 
     @property
     def lost(self) -> list:
         return sorted(k for k in self.expected if not self.results.get(k) and not self.problems.get(k)
-                      and k not in self.gone and k[0] not in self.aborted)
+                      and k not in self.gone and k not in self.unroutable and k[0] not in self.aborted)
 
     @property
     def dropped_by_fault(self) -> list:
         return sorted(k for k in self.gone if not self.results.get(k) and not self.problems.get(k))
+
+    @property
+    def dropped_unroutable(self) -> list:
+        return sorted(k for k in self.unroutable if not self.results.get(k) and not self.problems.get(k))
 
     @property
     def duplicated(self) -> dict:
@@ -54,25 +60,35 @@ class Tally:
 
 
 def tally(ctx: Context) -> Tally:
-    """Results are MatchesMessages routed to os2ds_matches (from the tracer's publishes; from the
-    observer's ``output`` reads when the history has no such publish). An object with no result but a
-    ProblemMessage naming it (os2ds_problems) is reported, not lost. An object with no result whose
-    ConversionMessage was still in a queue that a delete_queue fault deleted is counted as dropped
-    by the fault, not lost (deleting a queue deletes its messages)."""
+    """Results are MatchesMessages routed to os2ds_matches, problems ProblemMessages naming an object
+    routed to os2ds_problems. Two sources see them: the tracer's publishes and the observer's reads of
+    the output queues (``output``). Each can miss some (a broker restart loses the tracer's backlog;
+    an output queue may not be read), so an object counts the larger of the two numbers, with outputs
+    the broker handed out again after a restart not counted twice. An object with no result but a
+    problem is reported, not lost. Not lost either: an object whose conversion was still in a queue a
+    delete_queue fault deleted (dropped by the fault), and one whose conversion no queue received
+    (RT-ROUTABLE names that publish; one cause, one finding)."""
     t = Tally()
     plans = ctx.history.of("scan_planned")
     t.scans = len(plans)
     for p in plans:
         for o in p.get("objects") or ():
             t.expected.add((p.get("scan"), _obj(o)))
-    pubs = [e for e in ctx.history.of("publish") if e.get("exchange", "") == "" and
-            e.get("routing_key") in (RESULT_QUEUE, PROBLEM_QUEUE)]
-    if any(e.get("routing_key") == RESULT_QUEUE for e in pubs):
-        events, key, t.source = pubs, "routing_key", "published"
-    else:
-        events = [e for e in ctx.history.of("output") if e.get("queue") in (RESULT_QUEUE, PROBLEM_QUEUE)]
-        key, t.source = "queue", "read from output queues"
+    published = [e for e in ctx.history.of("publish") if e.get("exchange", "") == "" and
+                 e.get("routing_key") in (RESULT_QUEUE, PROBLEM_QUEUE)]
+    read = [e for e in ctx.history.of("output") if e.get("queue") in (RESULT_QUEUE, PROBLEM_QUEUE)
+            and not e.get("redelivered")]
+    t.source = " and ".join(name for name, evs in (("published", published), ("read from output queues", read))
+                            if evs) or "none"
+    from_publishes = _count(published, "routing_key")
+    from_reads = _count(read, "queue")
+    for kind, counter in (("results", t.results), ("problems", t.problems)):
+        a, b = from_publishes[kind], from_reads[kind]
+        for k in set(a) | set(b):
+            counter[k] = max(a[k], b[k])
     t.gone = _dropped_with_deleted_queues(ctx)
+    t.unroutable = {(m.get("scan"), _obj(m.get("object"))) for m in
+                    ((e.get("msg") or {}) for e in routing(ctx).unroutable) if m.get("type") == "ConversionMessage"}
     t.aborted = {p.get("scan") for p in ctx.history.of("phase") if p.get("name") == "scan_aborted"}
     for e in ctx.history.of("deliver"):
         msg = e.get("msg") or {}
@@ -80,16 +96,21 @@ def tally(ctx: Context) -> Tally:
             t.redelivered.add((msg.get("scan"), _obj(msg.get("object"))))
         elif e.get("redelivered") and msg.get("type") == "ScanSpecMessage":
             t.redelivered.add((msg.get("scan"), None))
+    return t
+
+
+def _count(events, key) -> dict[str, Counter]:
+    out = {"results": Counter(), "problems": Counter()}
     for e in events:
         msg = e.get("msg") or {}
         if msg.get("scan") is None:
             continue
         k = (msg.get("scan"), _obj(msg.get("object")))
         if e.get(key) == RESULT_QUEUE and msg.get("type") == "MatchesMessage":
-            t.results[k] += 1
+            out["results"][k] += 1
         elif e.get(key) == PROBLEM_QUEUE and msg.get("type") == "ProblemMessage" and msg.get("object"):
-            t.problems[k] += 1
-    return t
+            out["problems"][k] += 1
+    return out
 
 
 def _dropped_with_deleted_queues(ctx: Context) -> set:
@@ -135,6 +156,7 @@ def check_exactly_once(ctx: Context) -> ClauseResult:
     excused = len(dup_all) - len(dup)
     metrics = {"expected": len(t.expected), "lost": len(lost), "duplicated": len(dup), "unexpected": len(unexp),
                "as_problem": len(t.as_problem), "dropped_by_fault": len(t.dropped_by_fault),
+               "dropped_unroutable": len(t.dropped_unroutable),
                "results": sum(t.results.values()), "source": t.source,
                "duplicates_allowed": allow}
     exercised = f"{len(t.expected)} objects of {t.scans} scans checked"
@@ -161,6 +183,8 @@ def check_exactly_once(ctx: Context) -> ClauseResult:
         exercised += f" ({len(t.aborted)} aborted scan(s): missing results excused)"
     if t.dropped_by_fault:
         exercised += f" ({len(t.dropped_by_fault)} dropped with a queue a fault deleted, excused)"
+    if t.dropped_unroutable:
+        exercised += f" ({len(t.dropped_unroutable)} whose conversion no queue received: RT-ROUTABLE's finding)"
     return ClauseResult("DL-EXACTLY-ONCE", "failed" if findings else "passed", exercised, findings, metrics)
 
 

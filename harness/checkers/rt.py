@@ -1,6 +1,8 @@
 """RT-*: routing and message types, judged from the tracer's publish/deliver events."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from harness.checkers._common import Context, fault_family
 from harness.checkers.model import ClauseResult, Finding
 from harness.messages import MULTI_TYPE_QUEUES, UNPARSEABLE
@@ -110,16 +112,23 @@ def check_tenant(ctx: Context) -> ClauseResult:
                         f"{n_conv} conversions and {n_res} results followed for {len(plans)} scans", findings)
 
 
-def check_routable(ctx: Context) -> ClauseResult:
+@dataclass
+class Routing:
+    """Publishes judged for routability: how many, how many excused, and those no queue received."""
+
+    judged: int = 0
+    excused: int = 0
+    unroutable: list[dict] = field(default_factory=list)
+
+
+def routing(ctx: Context) -> Routing:
     """Rule: a publish to the default exchange is unroutable when its routing key named no existing
     queue at publish time: existence from queue_created/queue_deleted events and sampled counts
     (null = missing), with a queue created up to 0.25 s after the publish counted as existing; a queue
     the history never mentions counts as missing. Publishes to a queue after a delete_queue fault
     targeted it are excused. For other exchanges the tracer's ``routed`` list is trusted: an empty
-    list is unroutable. Reported once per (publisher, routing key)."""
-    findings: list[Finding] = []
-    seen: dict[tuple, Finding] = {}
-    n = excused = 0
+    list is unroutable. DL-EXACTLY-ONCE reads the same verdict, so one lost publish is one finding."""
+    r = Routing()
     deleted: dict[str, float] = {}
     for f in ctx.history.of("fault"):
         if fault_family(f.get("kind")) == "queue_gone":
@@ -127,20 +136,28 @@ def check_routable(ctx: Context) -> ClauseResult:
     for ev in ctx.history.of("publish"):
         ex = ev.get("exchange", "")
         rk = ev.get("routing_key") or ""
-        n += 1
+        r.judged += 1
         if ex == "":
-            if rk.startswith("amq."):
+            if rk.startswith("amq.") or ctx.levels.exists_at(rk, ev["t"]):
                 continue
-            ok = ctx.levels.exists_at(rk, ev["t"])
-            bad = not ok
-            if bad and rk in deleted and ev["t"] >= deleted[rk]:
-                excused += 1  # the harness deleted that queue on purpose
+            if rk in deleted and ev["t"] >= deleted[rk]:
+                r.excused += 1  # the harness deleted that queue on purpose
                 continue
         else:
             routed = ev.get("routed")
-            bad = routed is not None and len(routed) == 0
-        if not bad:
-            continue
+            if routed is None or len(routed) > 0:
+                continue
+        r.unroutable.append(ev)
+    return r
+
+
+def check_routable(ctx: Context) -> ClauseResult:
+    """Every unroutable publish (see ``routing``), reported once per (publisher, exchange, routing key)."""
+    r = routing(ctx)
+    findings: list[Finding] = []
+    seen: dict[tuple, Finding] = {}
+    for ev in r.unroutable:
+        ex, rk = ev.get("exchange", ""), ev.get("routing_key") or ""
         key = (ev.get("stage"), ex, rk)
         if key in seen:
             f = seen[key]
@@ -160,8 +177,8 @@ def check_routable(ctx: Context) -> ClauseResult:
         c = f.evidence[0]["count"]
         if c > 1:
             f.explanation = f.explanation[:-1] + f"; {c} such publishes until {ctx.rel(f.end)}."
-    text = f"{n} publishes judged" + (f" ({excused} to a queue a fault deleted, excused)" if excused else "")
-    return ClauseResult("RT-ROUTABLE", _outcome(findings, n), text, findings)
+    text = f"{r.judged} publishes judged" + (f" ({r.excused} to a queue a fault deleted, excused)" if r.excused else "")
+    return ClauseResult("RT-ROUTABLE", _outcome(findings, r.judged), text, findings)
 
 
 def check_broadcast(ctx: Context) -> ClauseResult:

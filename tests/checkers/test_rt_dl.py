@@ -211,3 +211,36 @@ def test_routable_trusts_queue_created_over_a_stale_missing_sample():
     hb = HB().levels(0, 0.9, {"q5": [(0, None)]}, dt=0.3).queue(1.0, "q5")
     hb.ev(1.05, "sample", ready={"q5": None}).publish(1.1, "q5").ev(2.0, "sample", ready={"q5": 0})
     assert judge(hb, "RT-ROUTABLE").outcome == "passed"
+
+
+def test_a_conversion_no_queue_received_is_rt_routables_finding_not_also_a_loss():
+    # An engine that publishes without mandatory: the conversion of b went to a queue that does not exist.
+    hb = queues(HB(), "conv_full", "os2ds_matches").plan(0.8, "s1", ["a", "b"])
+    hb.publish(1, "conv_full", scan="s1", object="a").publish(1.1, "conv_nowhere", scan="s1", object="b")
+    hb.publish(2, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", object="a")
+    assert judge(hb, "RT-ROUTABLE").outcome == "failed"
+    r = judge(hb, "DL-EXACTLY-ONCE")
+    assert r.outcome == "passed" and r.metrics["dropped_unroutable"] == 1
+    assert "1 whose conversion no queue received: RT-ROUTABLE's finding" in r.exercised
+
+
+def test_exactly_once_counts_a_result_either_source_saw_and_a_redelivered_read_once():
+    # The tracer lost the publish of b (a broker restart drops its backlog); the observer read b's
+    # result twice, the second time as a redelivery after the restart.
+    hb = queues(HB(), "conv_full", "os2ds_matches").plan(0.8, "s1", ["a", "b"])
+    hb.publish(2, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", object="a")
+    hb.output(2.1, "os2ds_matches", "MatchesMessage", scan="s1", object="a")
+    hb.output(2.2, "os2ds_matches", "MatchesMessage", scan="s1", object="b")
+    hb.ev(5, "output", queue="os2ds_matches", redelivered=True, msg={"type": "MatchesMessage", "scan": "s1", "object": "b"})
+    r = judge(hb, "DL-EXACTLY-ONCE")
+    assert r.outcome == "passed" and r.metrics["results"] == 2
+    assert r.metrics["source"] == "published and read from output queues"
+
+
+def test_exactly_once_still_sees_a_duplicate_only_one_source_saw():
+    hb = queues(HB(), "conv_full", "os2ds_matches").plan(0.8, "s1", ["a"])
+    hb.publish(2, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", object="a")
+    hb.publish(2.5, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", object="a")
+    hb.output(2.1, "os2ds_matches", "MatchesMessage", scan="s1", object="a")
+    r = judge(hb, "DL-EXACTLY-ONCE")
+    assert r.outcome == "failed" and r.metrics["duplicated"] == 1
