@@ -363,6 +363,9 @@ class Flood:
         except KeyboardInterrupt:
             link.error = "interrupted"
             raise
+        except Exception as exc:
+            exc.flood_stats = stats  # what was sent and confirmed before the failure, for a caller that resumes
+            raise
         finally:
             link.on_settled = None
             if state["timer"] is not None and link.conn is not None:

@@ -120,7 +120,7 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
                     "messages": "messages the measurement spans", "seconds": "how long they took",
                     "phase": "'workload.N', the backlog sized from it", "lasting": "how long that backlog "
                     "should last (s)", "sized": "objects (scan specs, via explorer) the backlog got"},
-    "phase": {"name": "a marker: 'stages_ready', 'workload.N', 'flood_done', 'teardown', 'observer_reconnected', ..."},
+    "phase": {"name": "a marker: 'stages_ready', 'workload.N', 'flood_done', 'teardown', 'observer_reconnected', 'publish_resumed' (resent, scans: the harness sent again what a planned broker restart left unconfirmed), ..."},
 }
 
 

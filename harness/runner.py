@@ -23,6 +23,7 @@ from harness.checkers import CLAUSE_IDS, check_all
 from harness.checkers.model import ClauseResult, Windows
 from harness.flood import Flood, FloodError, progress_line
 from harness.history import HISTORY_VERSION, History, HistoryWriter
+from harness.messages import scan_id
 from harness.nemesis import Nemesis, NemesisError
 from harness.observer import BROKER_GONE_AFTER, Observer, ObserverError
 from harness.scenario import Phase, Restart, Scenario
@@ -396,11 +397,37 @@ class ScenarioRun:
         return any(t.is_alive() for t in self._publishers) or any(h.active(now) for h in self.holds.values())
 
     def _publish(self, messages: list[tuple[str, Any]], rate: float | None) -> None:
-        try:
-            # Unroutable messages are the engine's or the configuration's fault, judged by RT-ROUTABLE.
-            self.flood.publish_many(messages, rate=rate, allow_unroutable=True)
-        except BaseException as exc:  # reported by the driving loop
-            self.publish_errors.append(exc)
+        """Publish in order. A connection lost to a restart_broker fault is the harness's own doing:
+        like the admin, wait for the broker and send again what it had not confirmed (recorded, so
+        that DL-EXACTLY-ONCE can tell these scans' duplicates from the engine's). Any other failure
+        ends the run."""
+        remaining = list(messages)
+        while True:
+            try:
+                # Unroutable messages are the engine's or the configuration's fault, judged by RT-ROUTABLE.
+                self.flood.publish_many(remaining, rate=rate, allow_unroutable=True)
+                return
+            except BaseException as exc:  # reported by the driving loop
+                stats = getattr(exc, "flood_stats", None)
+                if stats is None or not self._wait_out_planned_restart():
+                    self.publish_errors.append(exc)
+                    return
+                # Confirms come in order for these queues; what was sent after the last one may or may
+                # not have reached the broker, so it is sent again.
+                remaining = remaining[stats.confirmed:]
+                self.history.record("phase", name="publish_resumed", error=f"{type(exc).__name__}: {exc}",
+                                    resent=len(remaining), scans=_scans_of(remaining))
+
+    def _wait_out_planned_restart(self) -> bool:
+        """True once the broker is back after a restart_broker fault that was under way; False at
+        once when no planned restart explains the failure (or the broker does not come back)."""
+        nemesis = self.nemesis
+        if nemesis is None or not nemesis.broker_down_on_purpose(grace=BROKER_GONE_AFTER):
+            return False
+        deadline = time.monotonic() + BROKER_GONE_AFTER + 60
+        while nemesis.broker_down_on_purpose(grace=0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return time.monotonic() < deadline
 
     def _check_broker(self, observer: Observer) -> None:
         # Before the stages: a stage that exits because the broker died must not take the blame.
@@ -414,6 +441,13 @@ class ScenarioRun:
         exits = launcher.poll()
         if exits:
             raise RunEnded("stage_exited", str(StageExited.from_exits(exits)))
+
+
+def _scans_of(messages: list[tuple[str, Any]]) -> list[str]:
+    """The scans (ids) the messages belong to: a scan spec's own tag, a conversion's spec's tag."""
+    tags = (body.get("scan_tag") or (body.get("scan_spec") or {}).get("scan_tag")
+            for _, body in messages if isinstance(body, dict))
+    return sorted({sid for sid in map(scan_id, tags) if sid})
 
 
 def prepare_report_dir(root: Path, test_id: str) -> Path:

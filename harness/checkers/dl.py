@@ -47,7 +47,8 @@ class Tally:
         return {k: n for k, n in sorted(self.results.items()) if n > 1}
 
     def after_redelivery(self, key) -> bool:
-        """A duplicate a redelivery explains: its conversion, or its scan's spec, was delivered again."""
+        """A duplicate a redelivery explains: its conversion, or its scan's spec, was delivered again
+        (or the harness published the scan's messages again after a planned broker restart)."""
         return key in self.redelivered or (key[0], None) in self.redelivered
 
     @property
@@ -90,6 +91,9 @@ def tally(ctx: Context) -> Tally:
     t.unroutable = {(m.get("scan"), _obj(m.get("object"))) for m in
                     ((e.get("msg") or {}) for e in routing(ctx).unroutable) if m.get("type") == "ConversionMessage"}
     t.aborted = {p.get("scan") for p in ctx.history.of("phase") if p.get("name") == "scan_aborted"}
+    for e in ctx.history.of("phase"):
+        if e.get("name") == "publish_resumed":  # the harness sent these scans' messages again
+            t.redelivered.update((scan, None) for scan in e.get("scans") or ())
     for e in ctx.history.of("deliver"):
         msg = e.get("msg") or {}
         if e.get("redelivered") and msg.get("type") == "ConversionMessage":

@@ -244,3 +244,9 @@ def test_exactly_once_still_sees_a_duplicate_only_one_source_saw():
     hb.output(2.1, "os2ds_matches", "MatchesMessage", scan="s1", object="a")
     r = judge(hb, "DL-EXACTLY-ONCE")
     assert r.outcome == "failed" and r.metrics["duplicated"] == 1
+
+
+def test_a_scan_the_harness_published_again_after_a_planned_restart_may_be_duplicated_when_allowed():
+    hb = results("a", "b", "c", "c").ev(0.9, "phase", name="publish_resumed", resent=3, scans=["s1"])
+    assert judge(hb, "DL-EXACTLY-ONCE", scenario(allow_duplicates=True)).outcome == "passed"
+    assert judge(hb, "DL-EXACTLY-ONCE").outcome == "failed"  # still a duplicate where none is allowed
