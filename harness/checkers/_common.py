@@ -37,6 +37,12 @@ EXPLAIN_SLACK = 1.0
 CREATE_SLACK = 0.25
 # Overlaps shorter than this are receipt-order noise, not an instant with two consumers.
 OVERLAP_EPSILON = 0.1
+# A fault (or any event whose effect can only show at the engine's next check) is judged only when
+# the stage had work ready in its queues for this many windows W after it. The engine checks once
+# per check period, so within one W it has made a check after the event; the second W lets what
+# that check did (an exit, a stall, a wrong consumer) show while there is still work to show it on.
+# With less, an engine that fails at its next check may have taken all the work before then.
+DECISIVE_WINDOWS = 2
 
 TEARDOWN_PHASE = re.compile(r"teardown|stopping|shutdown|stop_stages|stages_stop", re.I)
 
@@ -257,6 +263,14 @@ class StageView:
     # lifecycle is then incomplete, so the consumer-based QP clauses do not judge it.
     unattributed: int = 0
 
+    @property
+    def reads(self) -> list[str]:
+        """The queues the stage consumes by configuration: its QUEUE_PRIORITY, else the read queues
+        its starts reported (the default queue of a stage without one)."""
+        if self.priority:
+            return list(self.priority)
+        return list(dict.fromkeys(q for st in self.starts for q in (st.get("read_queues") or [])))
+
     def on(self, queue: str) -> list[Interval]:
         return merge((c.start, c.end) for c in self.consumers if c.queue == queue)
 
@@ -299,6 +313,20 @@ class Context:
 
     def span(self, a: float, b: float) -> str:
         return f"+{a - self.start:.1f}..+{b - self.start:.1f} s"
+
+    def work_after(self, queues: Iterable[str], t: float) -> float:
+        """Seconds from ``t`` to teardown (or the end of the history) during which at least one of
+        ``queues`` was observed with ready messages (the sampled runs of ``levels.pos``)."""
+        until = min(self.teardown, self.end)
+        if until <= t:
+            return 0.0
+        work = intersect(merge(iv for q in set(queues) for iv in self.levels.pos.get(q, ())), [(t, until)])
+        return sum(b - a for a, b in work)
+
+    @property
+    def decisive(self) -> float:
+        """The work a stage needs after a fault for the fault to be judged: DECISIVE_WINDOWS × W."""
+        return DECISIVE_WINDOWS * self.windows.W
 
     @property
     def qp_stages(self) -> list[StageView]:

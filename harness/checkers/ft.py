@@ -3,12 +3,18 @@
 Fault kinds are matched by family (``_common.fault_family``): a kind containing "poison" is
 FT-POISON's, one naming a queue and "delete"/"gone" FT-QUEUE-GONE's, one naming a "connection"
 or "reconnect" FT-RECONNECT's. A clause with no fault of its family is not exercised.
+
+A fault is judged only when its decisive moment came: after it took effect, the affected stage had
+work ready in the queues it should still consume for at least 2W in all (``Context.decisive``), so
+at least one of its own checks came after the fault while there was work to show what that check
+did. A fault short of that is named in the exercised text ("not judged") and does not count; when no
+fault of the clause is judged, the clause is not exercised. A finding is a failure either way.
 """
 from __future__ import annotations
 
 import bisect
 
-from harness.checkers._common import Context, fault_family, intersect, merge
+from harness.checkers._common import DECISIVE_WINDOWS, Context, fault_family, intersect, merge
 from harness.checkers.dl import _ex, tally
 from harness.checkers.model import ClauseResult, Finding
 from harness.messages import UNPARSEABLE
@@ -19,6 +25,29 @@ FAULT_EFFECT_WINDOW = 30.0
 
 def _faults(ctx: Context, family: str) -> list[dict]:
     return [f for f in ctx.history.of("fault") if fault_family(f.get("kind")) == family]
+
+
+def _shortfall(ctx: Context, stages, queues, t: float, after: str = "it") -> str | None:
+    """Why a fault that took effect at ``t`` on ``stages`` is not judged (None: it is): ``queues``, the
+    ones those stages should still consume, held ready work for less than 2W in all after ``t``."""
+    work = ctx.work_after(queues, t)
+    if work >= ctx.decisive:
+        return None
+    who = ", ".join(sv.name for sv in stages)
+    return (f"only {work:.1f} s of work in {who}'s queues after {after}, the clause needs "
+            f"{DECISIVE_WINDOWS}W = {ctx.decisive:g} s")
+
+
+def _result(ctx: Context, clause: str, findings: list[Finding], judged: int, text: str,
+            unjudged: list[tuple[dict, float, str]]) -> ClauseResult:
+    """Failed with any finding; else passed when something was judged; else not exercised. The faults
+    not judged, with why, are appended to the exercised text."""
+    if unjudged:
+        n = len(unjudged)
+        text += f"; {n} fault{'s' if n != 1 else ''} not judged: " + "; ".join(
+            f"{f.get('kind')} {f.get('target')} at {ctx.rel(t)} — {why}" for f, t, why in unjudged)
+    outcome = "failed" if findings else "passed" if judged else "not_exercised"
+    return ClauseResult(clause, outcome, text, findings)
 
 
 def _first_after(events, t0, t1, pred):
@@ -109,14 +138,15 @@ def check_queue_gone(ctx: Context) -> ClauseResult:
     one within 30 s): every stage reading q that was alive then must (a) not exit before teardown, and
     (b) while any of its other queues had ready messages (observed non-empty), receive a delivery at
     least every 2W. The other clauses keep judging its priorities; the deleted queue's consumer ending
-    is legitimate for them."""
+    is legitimate for them. A (deletion, stage) pair counts as judged only when the stage's other queues
+    held ready work for 2W in all after the deletion; a finding fails the clause either way."""
     W = ctx.windows.W
     faults = _faults(ctx, "queue_gone")
     if not faults:
         return ClauseResult("FT-QUEUE-GONE", "not_exercised", "0 queue deletions")
     dels = ctx.history.of("queue_deleted")
     deliv = _deliveries(ctx)
-    findings, judged = [], 0
+    findings, judged, unjudged = [], 0, []
     for f in faults:
         q = f.get("target")
         ev = _first_after(dels, f["t"] - 1, min(f["t"] + FAULT_EFFECT_WINDOW, ctx.teardown),
@@ -125,7 +155,11 @@ def check_queue_gone(ctx: Context) -> ClauseResult:
             continue  # the fault never took effect
         td = ev["t"]
         for sv in _stages_reading(ctx, q, td):
-            judged += 1
+            short = _shortfall(ctx, [sv], [x for x in sv.reads if x != q], td)
+            if short:
+                unjudged.append((f, td, short))
+            else:
+                judged += 1
             ex = _exit_between(sv, td, ctx.teardown, ctx)
             if ex is not None:
                 findings.append(Finding(
@@ -145,9 +179,9 @@ def check_queue_gone(ctx: Context) -> ClauseResult:
                     f"Stage {sv.name} received nothing for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}) after its "
                     f"queue {q} was deleted, although {', '.join(others)} had ready messages.",
                     sv.name, [q] + others, gap[0], gap[1], [ev]))
-    if judged == 0 and not findings:
+    if judged == 0 and not findings and not unjudged:
         return ClauseResult("FT-QUEUE-GONE", "not_exercised", f"{len(faults)} queue-deletion faults, none took effect on a running stage")
-    return ClauseResult("FT-QUEUE-GONE", "failed" if findings else "passed", f"{judged} stage(s) judged after a queue deletion", findings)
+    return _result(ctx, "FT-QUEUE-GONE", findings, judged, f"{judged} stage(s) judged after a queue deletion", unjudged)
 
 
 def check_poison(ctx: Context) -> ClauseResult:
@@ -158,13 +192,15 @@ def check_poison(ctx: Context) -> ClauseResult:
     run (see _requeued_poison);
     (c) a ProblemMessage is published (or read from an output queue) for each poison message, after
     its first delivery (see _unreported_poison); (d) while a stage holds a consumer on q and q has
-    ready messages, something is delivered from q at least every 2W."""
+    ready messages, something is delivered from q at least every 2W. A fault counts as judged only when
+    the queues of the stages reading q held ready work for 2W in all after the first poison publish;
+    a finding fails the clause either way."""
     W = ctx.windows.W
     faults = _faults(ctx, "poison")
     if not faults:
         return ClauseResult("FT-POISON", "not_exercised", "0 poison messages")
     pubs = ctx.history.of("publish")
-    findings, judged = [], 0
+    findings, judged, unjudged = [], 0, []
     problems = sorted(e["t"] for e in ctx.history.of("publish", "output")
                       if (e.get("msg") or {}).get("type") == "ProblemMessage")
     delivered: list[tuple[float, int, str, dict]] = []  # (first delivery, poison messages, queue, that delivery)
@@ -182,8 +218,12 @@ def check_poison(ctx: Context) -> ClauseResult:
             readers = _stages_reading(ctx, q, f["t"])
             if not readers or not poison:
                 continue
-            judged += len(poison)
             t0 = poison[0]["t"]
+            short = _shortfall(ctx, readers, [x for sv in readers for x in sv.reads], t0)
+            if not short:
+                judged += len(poison)
+            elif all(u[0] is not f for u in unjudged):  # a fault on a stage poisons each of its queues
+                unjudged.append((f, t0, short))
             for sv in readers:
                 ex = _exit_between(sv, t0, ctx.teardown, ctx)
                 if ex is not None:
@@ -209,9 +249,9 @@ def check_poison(ctx: Context) -> ClauseResult:
                     None, [q], gap[0], gap[1], poison[:1]))
     findings += _requeued_poison(ctx, {f.get("target") for f in faults})
     findings += _unreported_poison(ctx, delivered, problems)
-    if judged == 0 and not findings:
+    if judged == 0 and not findings and not unjudged:
         return ClauseResult("FT-POISON", "not_exercised", f"{len(faults)} poison faults, no poison publish into a consumed queue seen")
-    return ClauseResult("FT-POISON", "failed" if findings else "passed", f"{judged} poison messages judged", findings)
+    return _result(ctx, "FT-POISON", findings, judged, f"{judged} poison messages judged", unjudged)
 
 
 def _requeued_poison(ctx: Context, queues: set) -> list[Finding]:
@@ -259,15 +299,17 @@ def check_reconnect(ctx: Context) -> ClauseResult:
     reconnect; every exit before S consumes again must be one); (b) S creates a consumer again
     within G of the close, or of its last supervisor restart (not judged when the run ends first);
     (c) it holds a consumer on its first queue within W of that first new consumer; (d) no planned
-    object is lost (DL-EXACTLY-ONCE's tally; duplicates allowed)."""
-    W, G = ctx.windows.W, ctx.windows.G
+    object is lost (DL-EXACTLY-ONCE's tally; duplicates allowed). A close counts as judged only when S's
+    queues held ready work for 2W in all after it (after the supervisor restart, when one answered an
+    exit), and not when the run ended within G of it before S consumed again; a finding fails the
+    clause either way."""
     faults = [f for f in _faults(ctx, "reconnect") if f["t"] < ctx.teardown]
     if not faults:
         return ClauseResult("FT-RECONNECT", "not_exercised", "0 connection closes")
     # The fault closes connections; a channel close stands in only when no connection close was seen
     # (a stage closing a channel of its own is not the fault taking effect).
     conn_closes, chan_closes = ctx.history.of("connection_closed"), ctx.history.of("channel_closed")
-    findings, judged, supervised = [], 0, 0
+    findings, judged, supervised, unjudged = [], 0, 0, []
     for f in faults:
         name = f.get("target")
         sv = ctx.stages.get(name)
@@ -281,40 +323,13 @@ def check_reconnect(ctx: Context) -> ClauseResult:
         if ev is None:
             continue
         tc = ev["t"]
-        judged += 1
-        again = sorted(c.start for c in sv.consumers if c.start > tc)
-        tr = again[0] if again else None
-        until = min(tr if tr is not None else ctx.teardown, ctx.teardown)
-        ex, restart = _exit_between(sv, tc, until, ctx), None
-        while ex is not None and (answer := _supervisor_restart(sv, ex)) is not None:
-            restart = answer
-            ex = _exit_between(sv, ex["t"], until, ctx)
-        if ex is not None:
-            findings.append(Finding(
-                "FT-RECONNECT",
-                f"Stage {name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])} instead of reconnecting "
-                f"after the broker closed its connection at {ctx.rel(tc)} ({_not_restarted(sv, ex, tc)}).",
-                name, [], tc, ex["t"], [ev, ex]))
-            continue
-        supervised += restart is not None
-        since = restart["t"] if restart is not None else tc
-        if tr is None or tr - since > G:
-            if min(ctx.end, ctx.teardown) - since > G:
-                after = f"its supervisor restart at {ctx.rel(since)}" if restart is not None else \
-                    f"the broker closed its connection at {ctx.rel(tc)}"
-                findings.append(Finding(
-                    "FT-RECONNECT",
-                    f"Stage {name} did not consume again within G = {G:g} s after {after}.",
-                    name, [], since, since + G, [ev]))
-            continue
-        if sv.priority:
-            q0 = sv.priority[0]
-            if not any(c.queue == q0 and c.start < tr + W and c.end > tc for c in sv.consumers if c.start > tc):
-                findings.append(Finding(
-                    "FT-RECONNECT",
-                    f"Stage {name} reconnected at {ctx.rel(tr)} but held no consumer on its first queue {q0} "
-                    f"within W = {W:g} s.", name, [q0], tr, tr + W, [ev]))
-    if judged == 0 and not findings:
+        short, since = _judge_reconnect(ctx, sv, ev, findings)
+        if short is None:
+            judged += 1
+        else:
+            unjudged.append((f, tc, short))
+        supervised += since != tc
+    if judged == 0 and not findings and not unjudged:
         return ClauseResult("FT-RECONNECT", "not_exercised",
                             f"{len(faults)} connection-close faults, the broker closed no stage connection")
     t = tally(ctx)
@@ -325,7 +340,53 @@ def check_reconnect(ctx: Context) -> ClauseResult:
                                 None, [], None, None, [{"lost": [list(k) for k in lost[:50]]}]))
     exercised = f"{judged} connection closes judged" + (f" ({supervised} answered by a supervisor restart)"
                                                            if supervised else "")
-    return ClauseResult("FT-RECONNECT", "failed" if findings else "passed", exercised, findings)
+    return _result(ctx, "FT-RECONNECT", findings, judged, exercised, unjudged)
+
+
+def _judge_reconnect(ctx: Context, sv, ev: dict, findings: list[Finding]) -> tuple[str | None, float]:
+    """Rules (a)-(c) of check_reconnect for one close ``ev`` of stage ``sv``; findings go to ``findings``.
+    Returns why the close is not judged (None: it is) and the instant the stage could act again from:
+    the close, or the supervisor restart that answered an exit after it."""
+    W, G = ctx.windows.W, ctx.windows.G
+    name, tc = sv.name, ev["t"]
+    again = sorted(c.start for c in sv.consumers if c.start > tc)
+    tr = again[0] if again else None
+    until = min(tr if tr is not None else ctx.teardown, ctx.teardown)
+    ex, restart = _exit_between(sv, tc, until, ctx), None
+    while ex is not None and (answer := _supervisor_restart(sv, ex)) is not None:
+        restart = answer
+        ex = _exit_between(sv, ex["t"], until, ctx)
+    since = restart["t"] if restart is not None else tc
+    short = _shortfall(ctx, [sv], sv.reads, since,
+                       f"its supervisor restart at {ctx.rel(since)}" if restart is not None else "it")
+    if ex is not None:
+        findings.append(Finding(
+            "FT-RECONNECT",
+            f"Stage {name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])} instead of reconnecting "
+            f"after the broker closed its connection at {ctx.rel(tc)} ({_not_restarted(sv, ex, tc)}).",
+            name, [], tc, ex["t"], [ev, ex]))
+        return short, tc
+    if tr is None or tr - since > G:
+        left = min(ctx.end, ctx.teardown) - since
+        if left <= G:  # the run ended before the stage had to be back
+            return (f"the run ended {left:.1f} s after "
+                    f"{'its supervisor restart' if restart is not None else 'it'}, before the stage consumed "
+                    f"again (it has G = {G:g} s)"), since
+        after = f"its supervisor restart at {ctx.rel(since)}" if restart is not None else \
+            f"the broker closed its connection at {ctx.rel(tc)}"
+        findings.append(Finding(
+            "FT-RECONNECT",
+            f"Stage {name} did not consume again within G = {G:g} s after {after}.",
+            name, [], since, since + G, [ev]))
+        return short, since
+    if sv.priority:
+        q0 = sv.priority[0]
+        if not any(c.queue == q0 and c.start < tr + W and c.end > tc for c in sv.consumers if c.start > tc):
+            findings.append(Finding(
+                "FT-RECONNECT",
+                f"Stage {name} reconnected at {ctx.rel(tr)} but held no consumer on its first queue {q0} "
+                f"within W = {W:g} s.", name, [q0], tr, tr + W, [ev]))
+    return short, since
 
 
 CHECKS = {"FT-QUEUE-GONE": check_queue_gone, "FT-POISON": check_poison, "FT-RECONNECT": check_reconnect}

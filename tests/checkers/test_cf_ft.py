@@ -76,9 +76,10 @@ def test_cf_not_exercised_without_scenario():
 
 # ---------------------------------------------------------------- FT-QUEUE-GONE
 
-def gone(exit_at=None, deliver_until=40):
+def gone(exit_at=None, deliver_until=40, work_until=45):
+    # q0 holds work from 12 s until work_until; q2 (deleted at 10.2) held work before
     hb = HB().stage(0, "worker").consume(1, "worker", "q0").consume(2, "worker", "q2")
-    hb.levels(0, 45, {"q0": [(0, 0), (12, 40)], "q1": [(0, 0)], "q2": [(0, 10), (10, None)]})
+    hb.levels(0, 45, {"q0": [(0, 0), (12, 40), (work_until, 0)], "q1": [(0, 0)], "q2": [(0, 10), (10, None)]})
     hb.fault(10, "delete_queue", "q2").delete(10.2, "q2")
     t = 12.5
     while t < deliver_until:
@@ -111,10 +112,36 @@ def test_queue_gone_not_exercised():
     assert judge(HB(), "FT-QUEUE-GONE").outcome == "not_exercised"
 
 
+def test_queue_gone_not_exercised_when_the_work_ran_out_before_the_engines_next_check():
+    # The stage's remaining queues held work for only 0.9 s after the deletion: an engine that notices
+    # the missing queue at its next check, and fails there, had already taken everything.
+    r = judge(gone(work_until=13, deliver_until=13), "FT-QUEUE-GONE")
+    assert r.outcome == "not_exercised"
+    assert r.exercised == ("0 stage(s) judged after a queue deletion; 1 fault not judged: delete_queue q2 at +10.2 s "
+                           "— only 0.9 s of work in worker's queues after it, the clause needs 2W = 12 s")
+
+
+def test_queue_gone_counts_work_in_the_remaining_queues_only():
+    # q2 keeps reporting work after its deletion event (a late sample): only q0 and q1 count
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").consume(2, "worker", "q2")
+    hb.levels(0, 45, {"q0": [(0, 0), (12, 40), (13, 0)], "q1": [(0, 0)], "q2": [(0, 10), (30, None)]})
+    hb.fault(10, "delete_queue", "q2").delete(10.2, "q2").deliver(12.5, "q0", "worker")
+    r = judge(hb.phase(45, "teardown").finish(45.5), "FT-QUEUE-GONE")
+    assert r.outcome == "not_exercised" and "only 0.9 s of work" in r.exercised
+
+
+def test_queue_gone_exit_fails_even_when_the_fault_is_not_judged():
+    r = judge(gone(exit_at=11, work_until=13, deliver_until=13), "FT-QUEUE-GONE")
+    assert r.outcome == "failed" and "1 fault not judged" in r.exercised
+    assert r.findings[0].explanation.startswith("Stage worker exited (code 1) at +11.0 s")
+
+
 # ---------------------------------------------------------------- FT-POISON
 
-def poison(deliveries=1, problem=True, exit_at=None, second_poison=None):
-    hb = HB().stage(0, "worker").consume(1, "worker", "q0").levels(0, 40, {"q0": [(0, 0), (10, 5), (16, 0)]})
+def poison(deliveries=1, problem=True, exit_at=None, second_poison=None, work_until=24):
+    # q0 holds work from the poison on until work_until (the clause needs 2W = 12 s of it)
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0")
+    hb.levels(0, 40, {"q0": [(0, 0), (10, 5), (work_until, 0)]})
     hb.fault(10, "poison", "q0", shape="not_json").publish(10.1, "q0", "Unparseable", stage=None)
     for k in range(deliveries):
         hb.deliver(10.2 + k * 0.5, "q0", "worker", "Unparseable", redelivered=k > 0)
@@ -125,7 +152,7 @@ def poison(deliveries=1, problem=True, exit_at=None, second_poison=None):
         hb.deliver(12.2, "q0", "worker", "Unparseable")
         if second_poison == "reported":
             hb.publish(12.3, "os2ds_problems", "ProblemMessage", stage="worker")
-    for k in range(5):
+    for k in range(int(work_until) - 10):
         hb.deliver(11 + k, "q0", "worker")
     if exit_at:
         hb.exit(exit_at, "worker", -11)
@@ -193,10 +220,24 @@ def test_poison_not_exercised():
     assert judge(HB(), "FT-POISON").outcome == "not_exercised"
 
 
+def test_poison_not_exercised_when_the_work_ran_out_too_soon():
+    r = judge(poison(work_until=16), "FT-POISON")
+    assert r.outcome == "not_exercised"
+    assert r.exercised == ("0 poison messages judged; 1 fault not judged: poison q0 at +10.1 s — only 5.8 s of work "
+                           "in worker's queues after it, the clause needs 2W = 12 s")
+
+
+def test_poison_requeue_loop_fails_even_when_the_fault_is_not_judged():
+    r = judge(poison(deliveries=6, work_until=16), "FT-POISON")
+    assert r.outcome == "failed" and "1 fault not judged" in r.exercised
+    assert "were delivered 6 times" in r.findings[0].explanation
+
+
 # ---------------------------------------------------------------- FT-RECONNECT
 
-def reconnect(back_at=14.0, with_q0=True):
-    hb = HB().stage(0, "worker").consume(1, "worker", "q0")
+def reconnect(back_at=14.0, with_q0=True, work_until=30):
+    # q0 holds work from before the close until work_until (the clause needs 2W = 12 s of it after the close)
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").levels(0, 60, {"q0": [(0, 0), (11, 8), (work_until, 0)]})
     hb.fault(10, "close_connection", "worker").cancel(12, "worker", "q0").conn_closed(12.01, "worker")
     if back_at is not None:
         hb.consume(back_at, "worker", "q0" if with_q0 else "q1")
@@ -240,6 +281,35 @@ def test_reconnect_not_exercised_when_no_close_happened():
     assert judge(hb, "FT-RECONNECT").outcome == "not_exercised"
 
 
+def test_reconnect_not_exercised_when_the_work_ran_out_too_soon():
+    r = judge(reconnect(work_until=15), "FT-RECONNECT")
+    assert r.outcome == "not_exercised"
+    assert r.exercised == ("0 connection closes judged; 1 fault not judged: close_connection worker at +12.0 s — "
+                           "only 2.9 s of work in worker's queues after it, the clause needs 2W = 12 s")
+
+
+def test_reconnect_not_exercised_when_the_run_ends_before_the_stage_had_to_be_back():
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").levels(0, 30, {"q0": [(0, 0), (11, 8)]})
+    hb.fault(10, "close_connection", "worker").cancel(12, "worker", "q0").conn_closed(12.01, "worker")
+    r = judge(hb.phase(30, "teardown").finish(30.5), "FT-RECONNECT")
+    assert r.outcome == "not_exercised"
+    assert r.exercised.endswith("close_connection worker at +12.0 s — the run ended 18.0 s after it, before the "
+                                "stage consumed again (it has G = 30 s)")
+
+
+def test_reconnect_failure_counts_even_when_the_close_is_not_judged():
+    r = judge(reconnect(with_q0=False, work_until=15), "FT-RECONNECT")
+    assert r.outcome == "failed" and "1 fault not judged" in r.exercised
+
+
+def test_reconnect_under_a_restart_policy_counts_work_from_the_restart():
+    # 2W of work after the close, but only 10.7 s after the supervisor restart at 13.2 s
+    r = judge(supervised_reconnect(work_until=24), "FT-RECONNECT")
+    assert r.outcome == "not_exercised"
+    assert r.exercised.endswith("close_connection worker at +12.0 s — only 10.7 s of work in worker's queues after its "
+                                "supervisor restart at +13.2 s, the clause needs 2W = 12 s")
+
+
 def test_reconnect_close_at_teardown_is_not_the_fault_taking_effect():
     # the management API never closed the connection; the only close is the harness stopping the stage
     hb = HB().stage(0, "worker").consume(1, "worker", "q0").fault(5, "close_connection", "worker")
@@ -250,8 +320,9 @@ def test_reconnect_close_at_teardown_is_not_the_fault_taking_effect():
 
 # -- FT-RECONNECT under a restart policy (the stage exits on the close and its supervisor restarts it)
 
-def supervised_reconnect(exit_rc=5, supervisor="restarting", back_at=14.0, crash_again=None):
-    hb = HB().stage(0, "worker").consume(1, "worker", "q0")
+def supervised_reconnect(exit_rc=5, supervisor="restarting", back_at=14.0, crash_again=None, work_until=30):
+    # q0 holds work until work_until: 2W = 12 s of it are needed after the supervisor restart at 13.2
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0").levels(0, 60, {"q0": [(0, 0), (11, 8), (work_until, 0)]})
     hb.fault(10, "close_connection", "worker").cancel(12, "worker", "q0").conn_closed(12.01, "worker")
     if supervisor == "restarting":
         hb.supervised_restart(12.2, "worker", exit_rc, 1)
