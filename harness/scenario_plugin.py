@@ -256,7 +256,8 @@ def _save_pictures(config: pytest.Config, result: RunResult) -> None:
         return
     from harness.report import render_timeline
     try:
-        result.timeline = render_timeline(result.history, result.results, result.report_dir / "timeline.png")
+        result.timeline = render_timeline(result.history, result.results, result.report_dir / "timeline.png",
+                                          result.windows)
     except Exception as exc:  # a drawing bug must never hide the run's own verdict
         import warnings
         warnings.warn(f"qp-harness: timeline of {result.report_dir} not drawn: {exc!r}", stacklevel=1)
@@ -274,6 +275,7 @@ def _summary(nodeid: str, result: RunResult) -> dict[str, Any]:
         "failed": [r.clause for r in result.failed],
         "problems": [p.splitlines()[0] for p in result.problems],
         "cancel_latency": (cancel.metrics.get("latency_s") or {}) if cancel else {},
+        "windows": f"W = {result.windows.W:g} s, G = {result.windows.G:g} s",
     }
 
 
@@ -322,6 +324,7 @@ def _failure_text(result: RunResult, problems: list[ClauseResult], format_failur
             lines.append(f"{p.clause}: {p.exercised} (a bug of qp-harness; the other clauses were judged)\n"
                          f"{p.metrics.get('traceback', '')}".rstrip())
     lines += [f"the run itself failed: {problem}" for problem in result.problems]
+    lines.append(f"judged with {result.windows.describe()}")
     if result.reason != "complete":
         lines.append(f"(the run ended by {result.reason})")
     lines.append(f"report folder: {result.report_dir}")
@@ -402,7 +405,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         idle = sum(1 for o in entry["outcomes"].values() if o == "not_exercised")
         broken = sum(1 for o in entry["outcomes"].values() if o == "error")
         errors = f", {broken} checker error(s)" if broken else ""
-        tr.write_line(f"{entry['test']}: {passed} passed, {idle} not exercised{errors}{failed}{figure}")
+        windows = f" ({entry['windows']})" if entry.get("windows") else ""
+        tr.write_line(f"{entry['test']}: {passed} passed, {idle} not exercised{errors}{windows}{failed}{figure}")
         if entry.get("timeline"):
             tr.write_line(f"    timeline: {entry['timeline']}")
         if entry["outcome"] != "passed":

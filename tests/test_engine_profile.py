@@ -13,8 +13,10 @@ import pytest
 
 from harness.checkers import windows_for
 from harness.checkers.model import SPEC_DEFAULT, Windows
+from harness.runner import RunResult
 from harness.scenario import parse_scenario
-from harness.scenario_plugin import engine_from, engine_profile, pytest_report_header, windows_from
+from harness.scenario_plugin import (_failure_text, _summary, engine_from, engine_profile, pytest_report_header,
+                                     windows_from)
 
 pytest_plugins = ["pytester"]
 
@@ -131,6 +133,17 @@ def test_the_header_is_printed_by_a_real_run(pytester: pytest.Pytester):
     done = pytester.runpytest_subprocess("--co", "-p", "no:cacheprovider", "--engine-cmd", OTHER)
     done.stdout.fnmatch_lines(["qp-harness: windows W = 6 s, G = 30 s (*SPEC default)*",
                                "qp-harness: ignored the reference engine profile*"])
+
+
+def test_failure_text_and_summary_state_the_windows(tmp_path: Path):
+    w = Windows(5.0, 1.0, 30.0, {"check_period": "command line --check-period", "tolerance": SPEC_DEFAULT,
+                                 "grace": SPEC_DEFAULT})
+    scenario = parse_scenario({"name": "s", "clients": [{"name": "a"}], "stages": [{"name": "worker", "kind": "worker"}]})
+    result = RunResult(scenario, w, None, [], tmp_path, "complete", ["stage worker exited"])
+    text = _failure_text(result, [], None)
+    assert ("judged with W = 6 s, G = 30 s (check period 5 s: command line --check-period; "
+            "tolerance 1 s, grace 30 s: SPEC default)") in text.splitlines()
+    assert _summary("t", result)["windows"] == "W = 6 s, G = 30 s"
 
 
 def test_the_readme_shows_the_header_as_printed(parse):
