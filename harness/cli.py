@@ -88,16 +88,19 @@ def _check(args) -> int:
         return EXIT_BAD_INPUT
     # Explicit options win; then the windows the run itself was judged with (recorded in run_started);
     # then the scenario's own checks; then SPEC.md's defaults.
-    w = windows_for(scenario, Windows())
+    w = windows_for(scenario)
+    values, sources = {n: getattr(w, n) for n in ("check_period", "tolerance", "grace")}, dict(w.sources)
     started = history.of("run_started")
-    if started:
-        rec = started[0]
-        w = Windows(rec.get("check_period") or w.check_period,
-                    rec["tolerance"] if rec.get("tolerance") is not None else w.tolerance,
-                    rec.get("grace") or w.grace)
-    w = Windows(args.check_period if args.check_period is not None else w.check_period,
-                args.tolerance if args.tolerance is not None else w.tolerance,
-                args.grace if args.grace is not None else w.grace)
+    recorded = started[0] if started else {}
+    for name in values:
+        if recorded.get(name) is not None and (recorded[name] or name == "tolerance"):
+            values[name] = recorded[name]
+            first = (recorded.get("window_sources") or {}).get(name)
+            sources[name] = "the history's run_started" + (f" ({first})" if first else "")
+        given = getattr(args, name)
+        if given is not None:
+            values[name], sources[name] = given, f"command line --{name.replace('_', '-')}"
+    w = Windows(**values, sources=sources)
     clauses = None
     if args.clauses:
         try:
@@ -110,10 +113,11 @@ def _check(args) -> int:
     if args.timeline:
         timeline = render_timeline(history, results, args.timeline, w)
     if args.json:
-        print(json.dumps({"windows": {"check_period": w.check_period, "tolerance": w.tolerance, "grace": w.grace},
+        print(json.dumps({"windows": {"check_period": w.check_period, "tolerance": w.tolerance, "grace": w.grace,
+                                      "sources": w.sources},
                           "results": [dataclasses.asdict(r) for r in results]}, indent=2, default=str))
     else:
-        print(f"{args.history}: {len(history)} events; W = {w.W:g} s, G = {w.G:g} s")
+        print(f"{args.history}: {len(history)} events; {w.describe()}")
         print(format_summary(results))
         text = format_failure(results, history, timeline)
         if text:

@@ -31,6 +31,8 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "check_period": "the check period the run was judged with (s)",
         "tolerance": "the window tolerance (s); W = check_period + tolerance",
         "grace": "the start-up grace G (s)",
+        "window_sources": "where each of check_period, tolerance and grace came from: 'command line --check-period' "
+                          "(and the like), an ini file's engine profile, the scenario's checks, or 'SPEC default'",
     },
     "run_finished": {"reason": "why the run ended: 'complete', 'time_limit', 'stage_exited', 'stage_silent', "
                                "'broker_gone', 'error'"},

@@ -170,7 +170,8 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     results = list(results)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ctx = build_context(history, None, windows or Windows())
+    windows = windows or Windows()
+    ctx = build_context(history, None, windows)
     t0 = ctx.start
     t_end = max(ctx.end, t0 + 1)
 
@@ -198,7 +199,8 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
                                      gridspec_kw={"height_ratios": [3.2, max(0.28 * n_rows, 0.8)]})
     failed = [r.clause for r in results if r.failed]
     fig.suptitle(title or f"{history.of('run_started')[0].get('scenario', '') if history.of('run_started') else ''}"
-                 f"  —  {'FAILED: ' + ', '.join(failed) if failed else 'no violations'}",
+                 f"  —  {'FAILED: ' + ', '.join(failed) if failed else 'no violations'}"
+                 f"  (W = {windows.W:g} s, G = {windows.G:g} s)",
                  fontsize=12, color="#b00020" if failed else "#1b5e20", x=0.01, ha="left")
 
     for q in plot_queues:

@@ -119,7 +119,8 @@ class ScenarioRun:
         scenario = self.scenario
         self.history.record("run_started", version=HISTORY_VERSION, scenario=scenario.name,
                             vhost=self.vhost, seed=scenario.seed, check_period=self.windows.check_period,
-                            tolerance=self.windows.tolerance, grace=self.windows.grace)
+                            tolerance=self.windows.tolerance, grace=self.windows.grace,
+                            window_sources=dict(self.windows.sources))
         observer = Observer(self.broker, self.vhost, self.history, scenario.queues)
         launcher = StageLauncher(self.engine.command, self.engine.env, self.broker, self.vhost,
                                  self.report_dir, self.history, observer, self.engine.restart, self.say)
@@ -469,5 +470,8 @@ def run_scenario(scenario: Scenario, broker: Broker, vhost: str, windows: Window
     (report_dir / "verdict.json").write_text(json.dumps({
         "scenario": scenario.name, "reason": reason, "problems": run.problems,
         "outcomes": {r.clause: r.outcome for r in results},
+        "windows": {"W": windows.W, "G": windows.G, "check_period": windows.check_period,
+                    "tolerance": windows.tolerance, "grace": windows.grace, "sources": windows.sources,
+                    "text": windows.describe()},
     }, indent=1))
     return RunResult(scenario, windows, history, results, report_dir, reason, run.problems)

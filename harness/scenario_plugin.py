@@ -5,24 +5,37 @@
 - ``scenario_runner`` runs a scenario on the test's vhost and returns its
   ``RunResult``; the conformance suite under ``suites/`` is built on it.
 - Options and ini keys for the engine under test and the windows of SPEC.md.
+  The ini keys that describe an engine (its windows and ``engine_env``) are
+  that engine's *profile*: they apply only to the engine the ini file runs
+  (its ``engine_cmd``, else the bundled reference engine), never to another
+  engine given with ``--engine-cmd`` (issue 11). The command line always wins.
 """
 from __future__ import annotations
 
 import json
 import logging
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 from harness.checkers import windows_for
-from harness.checkers.model import ClauseResult, Windows
+from harness.checkers.model import SPEC_DEFAULT, ClauseResult, Windows
 from harness.runner import EngineSettings, RunResult, ScenarioRunError, prepare_report_dir, run_scenario
 from harness.scenario import Scenario, ScenarioError, load_scenario, parse_restart
 
 DEFAULTS = Windows()
 SUMMARY_KEY = "qp_summary"
+BUNDLED_ENGINE = "python -m reference_engine.run_stage {stage}"
+# ini key -> (command-line flag, Windows field). Their ini defaults are None so that "not set" can be told
+# from "set to the SPEC value"; the SPEC defaults (DEFAULTS) are applied in _window_setting.
+WINDOW_KEYS = {"check_period": ("--check-period", "check_period"),
+               "window_tolerance": ("--window-tolerance", "tolerance"),
+               "startup_grace": ("--startup-grace", "grace")}
+# The ini keys that describe one engine: its windows and its environment.
+PROFILE_KEYS = (*WINDOW_KEYS, "engine_env")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,16 +43,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
     def option(name: str, ini: str, help: str, default: Any, type_: str | None = None, **kwargs: Any) -> None:
         group.addoption(name, dest=ini, default=None, help=f"{help} (ini: {ini}; default {default!r})", **kwargs)
-        parser.addini(ini, help, type=type_, default=default)
+        parser.addini(ini, help, type=type_, default=None if ini in WINDOW_KEYS else default)
 
     option("--engine-cmd", "engine_cmd", "engine command template; {stage} becomes explorer or worker",
-           "python -m reference_engine.run_stage {stage}")
+           BUNDLED_ENGINE)
     option("--engine-env", "engine_env", "extra KEY=VALUE for every stage (repeatable)", [],
            "linelist", action="append")
     option("--engine-restart", "engine_restart", "restart policy POLICY[:LIMIT[:BACKOFF]] (no, on-failure, always) "
            "for every stage whose scenario sets none", "no")
-    option("--check-period", "check_period", "the engine's priority check period in seconds",
-           str(DEFAULTS.check_period))
+    option("--check-period", "check_period", "the engine's priority check period in seconds (an ini value applies "
+           "only to the ini's own engine)", str(DEFAULTS.check_period))
     option("--window-tolerance", "window_tolerance", "added to the check period to give the window W",
            str(DEFAULTS.tolerance))
     option("--startup-grace", "startup_grace", "G: seconds a stage has to declare its queues and consume",
@@ -55,23 +68,96 @@ def _value(config: pytest.Config, name: str) -> Any:
     return given if given is not None else config.getini(name)
 
 
-def _number(config: pytest.Config, name: str, flag: str) -> float:
-    raw = _value(config, name)
+def _words(command: Any) -> list[str] | None:
+    try:
+        return shlex.split(command) if isinstance(command, str) else list(command)
+    except ValueError:  # an unbalanced quote: engine_from says so
+        return None
+
+
+def _overridden(config: pytest.Config, name: str) -> bool:
+    """Set with ``-o name=value``: a command-line setting, not the ini file's."""
+    return any(entry.split("=", 1)[0].strip() == name for entry in config.getoption("override_ini") or [])
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """Whether the ini file's engine settings (PROFILE_KEYS) apply to the engine under test.
+
+    They describe the engine the ini file runs: its ``engine_cmd``, else the bundled reference
+    engine. An ``--engine-cmd`` naming another engine gets none of them (this repository's 1 s
+    check period judged OS2datascanner's 5 s checks as failures), so SPEC's defaults apply to it
+    unless the command line says otherwise.
+    """
+
+    applies: bool
+    origin: str  # where the profile's values come from, as a window source
+    ignored: tuple[str, ...] = ()  # "check_period = 1", ...: set in the ini file, would have applied, do not
+
+    def note(self) -> str | None:
+        if not self.ignored:
+            return None
+        return (f"ignored the {self.origin} ({', '.join(self.ignored)}): --engine-cmd names another engine; "
+                "give its own with --check-period, --window-tolerance, --startup-grace, --engine-env")
+
+
+def engine_profile(config: pytest.Config) -> EngineProfile:
+    given = config.getoption("engine_cmd")
+    if given is None and _overridden(config, "engine_cmd"):
+        # -o engine_cmd=... is the command line's engine; the file's own engine_cmd is then out of sight,
+        # so the profile is taken to be the bundled engine's (as in this repository).
+        given, ini_engine = config.getini("engine_cmd"), BUNDLED_ENGINE
+    else:
+        ini_engine = config.getini("engine_cmd") or BUNDLED_ENGINE
+    applies = given is None or _words(given) == _words(ini_engine)
+    whose = "reference engine profile" if _words(ini_engine) == _words(BUNDLED_ENGINE) else "engine profile"
+    path = config.inipath
+    if path is None:
+        where = "the ini file"
+    elif path.name == "pyproject.toml":
+        where = "pyproject.toml [tool.pytest.ini_options]"
+    else:
+        where = f"{path.name} [{'tool:pytest' if path.name == 'setup.cfg' else 'pytest'}]"
+    origin = f"{whose} in {where}"
+    ignored: list[str] = []
+    if not applies:
+        for key in PROFILE_KEYS:
+            value = config.getini(key)
+            on_command_line = _overridden(config, key) or (key in WINDOW_KEYS and config.getoption(key) is not None)
+            if value not in (None, "", []) and not on_command_line:
+                ignored.append(f"{key} = {' '.join(value) if isinstance(value, list) else value}")
+    return EngineProfile(applies, origin, tuple(ignored))
+
+
+def _window_setting(config: pytest.Config, name: str, profile: EngineProfile) -> tuple[float, str]:
+    """(seconds, where they came from): command line, else the ini's engine profile if it applies, else SPEC."""
+    flag, field = WINDOW_KEYS[name]
+    given = config.getoption(name)
+    if given is not None:
+        raw, source = given, f"command line {flag}"
+    elif _overridden(config, name):
+        raw, source = config.getini(name), f"command line -o {name}"
+    elif profile.applies and config.getini(name) not in (None, ""):
+        raw, source = config.getini(name), profile.origin
+    else:
+        return getattr(DEFAULTS, field), SPEC_DEFAULT
     try:
         value = float(raw)
     except (TypeError, ValueError):
         raise pytest.UsageError(f"{flag} / ini {name}: expected a number of seconds, got {raw!r}") from None
     if value < 0 or (value == 0 and name != "window_tolerance"):
         raise pytest.UsageError(f"{flag} / ini {name}: must be positive, got {raw!r}")
-    return value
+    return value, source
 
 
 def windows_from(config: pytest.Config, scenario: Scenario | None = None) -> Windows:
-    """Command line or ini first; a scenario may override what it sets itself."""
-    base = Windows(_number(config, "check_period", "--check-period"),
-                   _number(config, "window_tolerance", "--window-tolerance"),
-                   _number(config, "startup_grace", "--startup-grace"))
-    return windows_for(scenario, base)
+    """Command line, else the ini's engine profile (if it is the engine under test), else SPEC;
+    a scenario may override what it sets itself. ``sources`` says which, per value."""
+    profile = engine_profile(config)
+    values, sources = {}, {}
+    for name, (_, field) in WINDOW_KEYS.items():
+        values[field], sources[field] = _window_setting(config, name, profile)
+    return windows_for(scenario, Windows(**values, sources=sources))
 
 
 def engine_from(config: pytest.Config) -> EngineSettings:
@@ -83,13 +169,15 @@ def engine_from(config: pytest.Config) -> EngineSettings:
     if not words or not any("{stage}" in w for w in words):
         raise pytest.UsageError(f"--engine-cmd / ini engine_cmd: the template must contain {{stage}}, got {command!r}")
     env: dict[str, str] = {}
-    entries = (config.getini("engine_env") or []) + (config.getoption("engine_env") or [])
-    for entry in entries:
+    ini_env = config.getini("engine_env") or []
+    if not (engine_profile(config).applies or _overridden(config, "engine_env")):
+        ini_env = []  # the ini's engine profile, not this engine's (see EngineProfile)
+    for entry in ini_env + (config.getoption("engine_env") or []):
         key, sep, value = entry.partition("=")
         if not sep or not key.strip():
             raise pytest.UsageError(f"--engine-env / ini engine_env: expected KEY=VALUE, got {entry!r}")
         env[key.strip()] = value
-    if words[:4] == ["python", "-m", "reference_engine.run_stage", "{stage}"]:
+    if words[:4] == _words(BUNDLED_ENGINE):
         import sys
         words[0] = sys.executable
     return EngineSettings(words, env, _restart(config))
@@ -115,6 +203,20 @@ def pytest_configure(config: pytest.Config) -> None:
     timeline = _value(config, "timeline")
     if timeline not in ("failed", "all", "none"):  # the command line checks its choices, the ini file does not
         raise pytest.UsageError(f"--timeline / ini timeline: must be failed, all or none, got {timeline!r}")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The engine under test and the windows it is judged with, and where each value came from."""
+    try:
+        engine, windows, profile = _value(config, "engine_cmd"), windows_from(config), engine_profile(config)
+    except pytest.UsageError as exc:  # --collect-only skips pytest_configure's check
+        return [f"qp-harness: {exc}"]
+    bundled = " (the bundled reference engine)" if (_words(engine) or [])[:4] == _words(BUNDLED_ENGINE) else ""
+    lines = [f"qp-harness: engine {engine}{bundled}",
+             f"qp-harness: windows {windows.describe()}; a scenario may set its own under checks:"]
+    if profile.note():
+        lines.append(f"qp-harness: {profile.note()}")
+    return lines
 
 
 # -- the fixture -------------------------------------------------------------
@@ -154,7 +256,8 @@ def _save_pictures(config: pytest.Config, result: RunResult) -> None:
         return
     from harness.report import render_timeline
     try:
-        result.timeline = render_timeline(result.history, result.results, result.report_dir / "timeline.png")
+        result.timeline = render_timeline(result.history, result.results, result.report_dir / "timeline.png",
+                                          result.windows)
     except Exception as exc:  # a drawing bug must never hide the run's own verdict
         import warnings
         warnings.warn(f"qp-harness: timeline of {result.report_dir} not drawn: {exc!r}", stacklevel=1)
@@ -172,6 +275,7 @@ def _summary(nodeid: str, result: RunResult) -> dict[str, Any]:
         "failed": [r.clause for r in result.failed],
         "problems": [p.splitlines()[0] for p in result.problems],
         "cancel_latency": (cancel.metrics.get("latency_s") or {}) if cancel else {},
+        "windows": f"W = {result.windows.W:g} s, G = {result.windows.G:g} s",
     }
 
 
@@ -220,6 +324,7 @@ def _failure_text(result: RunResult, problems: list[ClauseResult], format_failur
             lines.append(f"{p.clause}: {p.exercised} (a bug of qp-harness; the other clauses were judged)\n"
                          f"{p.metrics.get('traceback', '')}".rstrip())
     lines += [f"the run itself failed: {problem}" for problem in result.problems]
+    lines.append(f"judged with {result.windows.describe()}")
     if result.reason != "complete":
         lines.append(f"(the run ended by {result.reason})")
     lines.append(f"report folder: {result.report_dir}")
@@ -300,7 +405,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         idle = sum(1 for o in entry["outcomes"].values() if o == "not_exercised")
         broken = sum(1 for o in entry["outcomes"].values() if o == "error")
         errors = f", {broken} checker error(s)" if broken else ""
-        tr.write_line(f"{entry['test']}: {passed} passed, {idle} not exercised{errors}{failed}{figure}")
+        windows = f" ({entry['windows']})" if entry.get("windows") else ""
+        tr.write_line(f"{entry['test']}: {passed} passed, {idle} not exercised{errors}{windows}{failed}{figure}")
         if entry.get("timeline"):
             tr.write_line(f"    timeline: {entry['timeline']}")
         if entry["outcome"] != "passed":

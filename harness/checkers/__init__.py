@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from harness.checkers import cf, dl, ft, qp, rt
 from harness.checkers._common import Context, build_context
-from harness.checkers.model import ClauseResult, Finding, Windows
+from harness.checkers.model import SPEC_DEFAULT, ClauseResult, Finding, Windows
 
 CLAUSES: list[tuple[str, str]] = [
     ("QP-DECLARE", "every QUEUE_PRIORITY queue exists within G of start"),
@@ -58,14 +58,18 @@ def select(clauses: list[str] | None) -> list[str]:
 
 
 def windows_for(scenario, base: Windows | None = None) -> Windows:
-    """The scenario's own check_period/tolerance/grace where set, else ``base`` (command line / ini)."""
-    base = base or Windows()
+    """The scenario's own check_period/tolerance/grace where set, else ``base`` (command line / ini / SPEC)."""
+    if base is None:
+        base = Windows(sources={name: SPEC_DEFAULT for name in ("check_period", "tolerance", "grace")})
     if scenario is None:
         return base
-    ch = scenario.checks
-    return Windows(ch.check_period if ch.check_period is not None else base.check_period,
-                   ch.tolerance if ch.tolerance is not None else base.tolerance,
-                   ch.grace if ch.grace is not None else base.grace)
+    values, sources = {}, dict(base.sources)
+    for name in ("check_period", "tolerance", "grace"):
+        own = getattr(scenario.checks, name)
+        values[name] = own if own is not None else getattr(base, name)
+        if own is not None:
+            sources[name] = f"scenario {scenario.name} checks.{name}" if scenario.name else f"scenario checks.{name}"
+    return Windows(**values, sources=sources)
 
 
 def rules() -> dict[str, str]:

@@ -8,13 +8,23 @@ from typing import Any, Literal
 Outcome = Literal["passed", "failed", "not_exercised", "error"]
 
 
+SPEC_DEFAULT = "SPEC default"
+_LABELS = {"check_period": "check period", "tolerance": "tolerance", "grace": "grace"}
+
+
 @dataclass(frozen=True)
 class Windows:
-    """The windows of SPEC.md: W = check period + tolerance, G = start-up grace."""
+    """The windows of SPEC.md: W = check period + tolerance, G = start-up grace.
+
+    ``sources`` says where each value came from (field name -> e.g. ``"command line --check-period"``,
+    ``"SPEC default"``), so that a report can say why a run was judged with these windows. It is a
+    label only: two Windows with the same values are equal whatever their sources.
+    """
 
     check_period: float = 5.0
     tolerance: float = 1.0
     grace: float = 30.0
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def W(self) -> float:
@@ -23,6 +33,17 @@ class Windows:
     @property
     def G(self) -> float:
         return self.grace
+
+    def describe(self) -> str:
+        """One line: ``W = 6 s, G = 30 s (check period 5 s, tolerance 1 s, grace 30 s: SPEC default)``."""
+        text = f"W = {self.W:g} s, G = {self.G:g} s"
+        by_source: dict[str, list[str]] = {}
+        for name, label in _LABELS.items():
+            if self.sources.get(name):
+                by_source.setdefault(self.sources[name], []).append(f"{label} {getattr(self, name):g} s")
+        if by_source:
+            text += " (" + "; ".join(f"{', '.join(values)}: {source}" for source, values in by_source.items()) + ")"
+        return text
 
 
 @dataclass
