@@ -21,6 +21,8 @@ from harness.messages import UNPARSEABLE
 
 # How long after a fault request the broker's own event (queue.deleted, connection.closed) may come.
 FAULT_EFFECT_WINDOW = 30.0
+# An unexpected exit stamped this long after the teardown mark still belongs to the run: the exit ended it.
+EXIT_AT_TEARDOWN = 0.5
 
 
 def _faults(ctx: Context, family: str) -> list[dict]:
@@ -62,11 +64,14 @@ def _first_after(events, t0, t1, pred):
 
 
 def _exit_between(sv, a, b, ctx: Context | None = None):
-    """The first exit of the stage in (a, b) that no kill_stage fault on it explains."""
+    """The first exit of the stage in (a, b) that no kill_stage fault on it explains. An exit the
+    harness did not cause (``expected`` false) also counts at b itself: a stage that dies ends the
+    run, so the teardown phase is stamped in the same instant."""
     kills = [f["t"] for f in ctx.history.of("fault") if f.get("kind") == "kill_stage" and f.get("target") == sv.name] \
         if ctx is not None else []
     for e in sv.exits:
-        if a < e["t"] < b and not any(k - 1 <= e["t"] <= k + FAULT_EFFECT_WINDOW for k in kills):
+        inside = a < e["t"] < b or (e.get("expected") is False and a < e["t"] <= b + EXIT_AT_TEARDOWN)
+        if inside and not any(k - 1 <= e["t"] <= k + FAULT_EFFECT_WINDOW for k in kills):
             return e
     return None
 
@@ -224,13 +229,15 @@ def check_poison(ctx: Context) -> ClauseResult:
                 judged += len(poison)
             elif all(u[0] is not f for u in unjudged):  # a fault on a stage poisons each of its queues
                 unjudged.append((f, t0, short))
+            # from the fault on: the firehose may stamp the poison's publish after the exit it caused
+            put = min(f["t"], t0)
             for sv in readers:
-                ex = _exit_between(sv, t0, ctx.teardown, ctx)
+                ex = _exit_between(sv, put, ctx.teardown, ctx)
                 if ex is not None:
                     findings.append(Finding(
                         "FT-POISON",
                         f"Stage {sv.name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])}, "
-                        f"{ex['t'] - t0:.1f} s after a poison message was put in {q}{_restarts_note(sv, t0)}.",
+                        f"{ex['t'] - put:.1f} s after a poison message was put in {q}{_restarts_note(sv, t0)}.",
                         sv.name, [q], t0, ex["t"], [poison[0], ex]))
             ptype = (poison[0].get("msg") or {}).get("type")
             pdel = [e for e in ctx.history.of("deliver") if e["t"] >= t0 and e.get("queue") == q

@@ -384,5 +384,18 @@ def test_a_crash_loop_on_poison_fails_under_a_restart_policy():
     r = judge(hb.phase(40, "teardown").finish(40.5), "FT-POISON")
     assert r.outcome == "failed"
     assert r.findings[0].explanation == (
-        "Stage worker exited (code 3) at +10.3 s, 0.2 s after a poison message was put in q0; its restart policy "
+        "Stage worker exited (code 3) at +10.3 s, 0.3 s after a poison message was put in q0; its restart policy "
         "restarted it 1 time from then on (a restart does not excuse the exit).")
+
+
+def test_poison_crash_counts_when_the_firehose_stamps_the_poison_after_the_exit_and_the_teardown():
+    # Seen on a loaded machine: the worker died of the poison at +1.5 s, the run's teardown mark came in the
+    # same instant, and the tracer's copy of the poison publish arrived at +1.8 s.
+    hb = HB().stage(0, "worker").consume(0.5, "worker", "q0").levels(0, 3, {"q0": [(0, 0), (1.3, 1)]})
+    hb.fault(1.3, "poison", "q0", shape="not_json")
+    hb.ev(1.52, "stage_exited", stage="worker", pid=0, returncode=3, expected=False, supervisor=None)
+    hb.phase(1.52, "teardown").publish(1.78, "q0", "Unparseable", stage=None)
+    hb.deliver(1.81, "q0", "worker", "Unparseable")
+    r = judge(hb.finish(3), "FT-POISON")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation.startswith("Stage worker exited (code 3) at +1.5 s, 0.2 s after a poison message")
