@@ -32,6 +32,9 @@ def test_revive_after_the_node_is_stopped_by_pid(tmp_path, how):
         if how == "killed":
             for group in old_groups:
                 os.killpg(group, signal.SIGKILL)
+            deadline = time.monotonic() + 15  # SIGKILL is delivered, not yet done: wait for the group to empty
+            while group_members(old_groups[0]) and time.monotonic() < deadline:
+                time.sleep(0.05)
             problem = health_problem(broker)
             assert re.fullmatch(rf"its rabbitmq-server \(process group {old_groups[0]}\) is no longer running",
                                 problem), problem
