@@ -114,9 +114,11 @@ class ManagementClient:
         return self._call("GET", "queues", vhost).json()
 
     def connections(self, vhost: str | None = None) -> list[dict]:
+        """Client connections (of ``vhost``; none when it does not exist) as far as the API knows yet."""
         if vhost is None:
             return self._call("GET", "connections").json()
-        return self._call("GET", "vhosts", vhost, "connections").json()
+        response = self._call("GET", "vhosts", vhost, "connections", ok=(200, 404))
+        return response.json() if response.status_code == 200 else []
 
     def close_connection(self, name: str, reason: str = "closed by qp-harness") -> bool:
         """Close a connection by name; False when the API does not know it (yet, or any more)."""

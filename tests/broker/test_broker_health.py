@@ -65,3 +65,32 @@ def test_revive_after_the_node_is_stopped_by_pid(tmp_path, how):
         local.stop()
     assert not any(group_members(g) for g in old_groups + broker.process_groups)
 
+
+LEAVES_A_CONNECTION = '''
+import time
+import pika
+
+LEFT = []
+
+def test_1_leaves_a_connection_open(broker, vhost):
+    LEFT.append(pika.BlockingConnection(vhost.parameters(client_properties={"connection_name": "left-behind"})))
+    deadline = time.monotonic() + 30
+    while not broker.management.connections(vhost.name):  # the API learns of it within a few seconds
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+def test_2_finds_nothing_of_it(broker, vhost):
+    names = [(c.get("client_properties") or {}).get("connection_name") for c in broker.management.connections()]
+    assert "left-behind" not in names
+    assert len(broker.management.vhosts()) == 2  # "/" and this test's: the first test's vhost was deleted
+'''
+
+
+def test_connections_left_in_the_vhost_are_warned_of_and_closed(inner):
+    done = inner(LEAVES_A_CONNECTION).run("--rabbitmq-provider", "local")
+    out = done.stdout + done.stderr
+    assert re.search(r"\b2 passed, 1 warning in", out), out
+    assert re.search(r"test_inner\.py::test_1_leaves_a_connection_open\n.*LeftConnectionsWarning: qp-harness: 1 "
+                     r"connection\(s\) still open in this test's vhost qp-main-\w+ at teardown \(a stage or client "
+                     r"that did not exit\?\), closed: 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+ \(user qp-\w+, "
+                     r"'left-behind'\)", out), out
