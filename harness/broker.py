@@ -24,6 +24,7 @@ from typing import Callable
 import pika
 import psutil
 import requests
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from harness import watchdog
 
@@ -65,6 +66,16 @@ class ManagementClient:
             raise BrokerError(f"management API {method} {'/'.join(parts)}: HTTP {response.status_code} {response.text[:300]}")
         return response
 
+    def ping(self, timeout: float) -> str | None:
+        """One authenticated call, one attempt within ``timeout`` seconds: None if it answered, else why not."""
+        try:
+            response = self.session.get(self._url("whoami"), timeout=timeout)
+        except requests.RequestException as error:
+            return f"management API at {self.base_url} did not answer within {timeout:g} s ({type(error).__name__})"
+        if response.status_code != 200:
+            return f"management API at {self.base_url} answered HTTP {response.status_code}"
+        return None
+
     def overview(self) -> dict:
         return self._call("GET", "overview").json()
 
@@ -103,9 +114,11 @@ class ManagementClient:
         return self._call("GET", "queues", vhost).json()
 
     def connections(self, vhost: str | None = None) -> list[dict]:
+        """Client connections (of ``vhost``; none when it does not exist) as far as the API knows yet."""
         if vhost is None:
             return self._call("GET", "connections").json()
-        return self._call("GET", "vhosts", vhost, "connections").json()
+        response = self._call("GET", "vhosts", vhost, "connections", ok=(200, 404))
+        return response.json() if response.status_code == 200 else []
 
     def close_connection(self, name: str, reason: str = "closed by qp-harness") -> bool:
         """Close a connection by name; False when the API does not know it (yet, or any more)."""
@@ -193,18 +206,53 @@ class Broker:
         )
 
 
+# What a single-attempt BlockingConnection raises when the broker does not answer: a handshake that
+# times out (a hung node) comes as pika's connector exception, not as an AMQPError.
+CONNECT_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException)
+
+
 def amqp_answers(broker: Broker, vhost: str = "/") -> bool:
     """True when a full AMQP handshake (login included) succeeds."""
     try:
         connection = pika.BlockingConnection(broker.connection_parameters(
             vhost, connection_attempts=1, socket_timeout=2, blocked_connection_timeout=2))
-    except pika.exceptions.AMQPError:
+    except CONNECT_ERRORS:
         return False
     try:
         connection.close()
     except pika.exceptions.AMQPError:
         pass
     return True
+
+
+# A health probe runs after every test that used the session broker, so it must be cheap: one AMQP
+# handshake and one management call, each given this long. A node that is up answers both in about
+# 20 ms (50 ms at most, measured on the local provider here); a killed one refuses at once; only a hung
+# one (SIGSTOP, a stuck disk) uses the deadline.
+HEALTH_DEADLINE = 2.0
+
+
+def health_problem(broker: Broker, deadline: float = HEALTH_DEADLINE) -> str | None:
+    """Why the broker does not answer (None when it does): a cheap check between tests.
+
+    A local broker whose server process group has emptied is known gone without asking it;
+    otherwise an AMQP handshake (login included) and a management API call must each answer
+    within ``deadline`` seconds.
+    """
+    if broker.process_groups and not watchdog.group_members(broker.process_groups[0]):
+        return f"its rabbitmq-server (process group {broker.process_groups[0]}) is no longer running"
+    try:
+        connection = pika.BlockingConnection(broker.connection_parameters(
+            connection_attempts=1, socket_timeout=deadline, stack_timeout=deadline,
+            blocked_connection_timeout=deadline))
+    except CONNECT_ERRORS as error:
+        return (f"AMQP at {broker.host}:{broker.amqp_port} did not answer within {deadline:g} s "
+                f"({type(error).__name__})")
+    try:
+        connection.close()
+    except pika.exceptions.AMQPError:
+        pass  # it answered; a close that fails is not the broker's health
+    return broker.management.ping(deadline)
 
 
 def readiness_problem(broker: Broker) -> str | None:
@@ -234,7 +282,8 @@ class PortClaims:
     """Free loopback ports, each claimed by an exclusive lock file.
 
     The lock (``flock`` on ``CLAIMS_DIR/port-N.lock``) is held from the choice
-    of a port until the broker has bound it, so no two harness processes on
+    of a port until ``release()`` (a local broker holds its ports until it is
+    stopped, through restarts and revives), so no two harness processes on
     this machine (xdist workers, parallel runs) ever hand out the same port;
     the kernel drops the lock if the holder dies, so claims never go stale.
     """
@@ -287,7 +336,9 @@ class LocalBroker:
 
     The server and its own epmd each run in a new process group, registered
     with the watchdog and stopped by group id at ``stop()``; nothing is found
-    or stopped by name. ``extra_config`` is appended to ``rabbitmq.conf``.
+    or stopped by name. ``restart()`` (the restart_broker fault) and ``revive()``
+    (a node that stopped answering) start it again on the same ports, data dir
+    and credentials. ``extra_config`` is appended to ``rabbitmq.conf``.
     ``stop_mode`` ``"kill"`` (default) ends the throw-away node at once;
     ``"graceful"`` asks it to shut down (about 7 s on a 2-core machine).
     """
@@ -302,6 +353,10 @@ class LocalBroker:
         self.start_attempts = start_attempts
         self.process: subprocess.Popen | None = None
         self.epmd: subprocess.Popen | None = None
+        self.epmd_port: int | None = None
+        #: the node's four ports stay claimed while it may use them, so that no other harness
+        #: process takes one while the node is down for a restart or a revive
+        self.claims = PortClaims()
         self.broker: Broker | None = None
         self.node: str | None = None
         self.timings: dict[str, float] = {}
@@ -341,9 +396,8 @@ class LocalBroker:
     def _start_once(self, bin_dir: Path) -> Broker:
         for sub in ("home", "mnesia", "log"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        claims = PortClaims()
         try:
-            amqp, mgmt, dist, epmd_port = (claims.claim() for _ in range(4))
+            amqp, mgmt, dist, epmd_port = (self.claims.claim() for _ in range(4))
             user, password = "qp-" + secrets.token_hex(4), secrets.token_urlsafe(18)
             self.node = f"qp{os.getpid()}x{secrets.token_hex(3)}@localhost"
             (self.workdir / "rabbitmq.conf").write_text(
@@ -377,19 +431,9 @@ class LocalBroker:
                 "RABBITMQ_PID_FILE": str(self.workdir / "rabbitmq.pid"),
                 "ERL_CRASH_DUMP": str(self.workdir / "erl_crash.dump"),
             }
-            self._env, self._bin_dir = env, bin_dir
-            with open(self.log_path, "ab") as log:
-                # Our own epmd on a private port, so none is left behind as a daemon; it must
-                # listen before the node starts, or erl would spawn a detached one itself.
-                self.epmd = subprocess.Popen(["epmd", "-port", str(epmd_port)], stdout=log, stderr=log,
-                                             stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-                watchdog.register_process_group(self.epmd.pid, grace=0)
-                if not wait_for_port("127.0.0.1", epmd_port, time.monotonic() + 10):
-                    self.stop()
-                    raise BrokerError(f"epmd did not listen on port {epmd_port}; log tail:\n{self.log_tail()}")
-                self.process = subprocess.Popen([str(bin_dir / "rabbitmq-server")], stdout=log, stderr=log,
-                                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-                watchdog.register_process_group(self.process.pid, grace=0)
+            self._env, self._bin_dir, self.epmd_port = env, bin_dir, epmd_port
+            self._start_epmd()
+            self._start_node()
             broker = Broker("127.0.0.1", amqp, f"http://127.0.0.1:{mgmt}", user, password, "local",
                             process_groups=[self.process.pid, self.epmd.pid])
             self._wait_ready(broker)
@@ -397,8 +441,33 @@ class LocalBroker:
         except BaseException:
             self.stop()  # Ctrl-C or any error half-way: nothing of this attempt stays up
             raise
-        finally:
-            claims.release()
+
+    def _start_epmd(self) -> None:
+        # Our own epmd on a private port, so none is left behind as a daemon; it must
+        # listen before the node starts, or erl would spawn a detached one itself.
+        with open(self.log_path, "ab") as log:
+            self.epmd = subprocess.Popen(["epmd", "-port", str(self.epmd_port)], stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, env=self._env)
+        watchdog.register_process_group(self.epmd.pid, grace=0)
+        if not wait_for_port("127.0.0.1", self.epmd_port, time.monotonic() + 10):
+            self.stop()
+            raise BrokerError(f"epmd did not listen on port {self.epmd_port}; log tail:\n{self.log_tail()}")
+
+    def _start_node(self, note: str = "") -> None:
+        with open(self.log_path, "ab") as log:
+            if note:
+                log.write(f"\n---- qp-harness: {note} ----\n".encode())
+                log.flush()
+            self.process = subprocess.Popen([str(self._bin_dir / "rabbitmq-server")], stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL, env=self._env, start_new_session=True)
+        watchdog.register_process_group(self.process.pid, grace=0)
+
+    def _kill_node(self) -> None:
+        """SIGKILL the node's process group (whatever is left of it) and wait until it is gone."""
+        _signal_group(self.process, signal.SIGKILL)
+        self.process.wait(15)
+        _wait_group_gone(self.process.pid, 15)
+        watchdog.unregister_process_group(self.process.pid)
 
     def restart(self, down: float = 1.0) -> None:
         """Kill the node (not its epmd), wait ``down`` seconds, start it on the same ports and data dir.
@@ -407,19 +476,34 @@ class LocalBroker:
         switches it on again)."""
         if self.broker is None or self.process is None:
             raise BrokerError("restart: the local broker is not running")
-        _signal_group(self.process, signal.SIGKILL)
-        self.process.wait(15)
-        _wait_group_gone(self.process.pid, 15)
-        watchdog.unregister_process_group(self.process.pid)
+        self._kill_node()
         time.sleep(down)
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n---- qp-harness: restarting {self.node} after {down:g} s down ----\n".encode())
-            log.flush()
-            self.process = subprocess.Popen([str(self._bin_dir / "rabbitmq-server")], stdout=log, stderr=log,
-                                            stdin=subprocess.DEVNULL, env=self._env, start_new_session=True)
-        watchdog.register_process_group(self.process.pid, grace=0)
+        self._start_node(f"restarting {self.node} after {down:g} s down")
         self.broker.process_groups[0] = self.process.pid
         self._wait_ready(self.broker)
+
+    def revive(self) -> float:
+        """Bring a dead or hung node back for the next test; returns the seconds it took.
+
+        Whatever is left of the node's process group is killed (by group id), epmd is started
+        again if it went too, and the node starts on the same ports, data dir and credentials,
+        so the ``Broker`` the tests hold stays valid. Raises ``BrokerError`` (with the log tail)
+        and leaves nothing running if the node does not come back.
+        """
+        if self.broker is None or self.process is None:
+            raise BrokerError("revive: the local broker was never started")
+        began = time.monotonic()
+        self._kill_node()
+        if self.epmd is None or not watchdog.group_members(self.epmd.pid):
+            if self.epmd is not None:
+                self.epmd.wait(5)
+                watchdog.unregister_process_group(self.epmd.pid)
+            self._start_epmd()
+        self._start_node(f"reviving {self.node}: it stopped answering")
+        self.broker.process_groups[:] = [self.process.pid, self.epmd.pid]
+        self._wait_ready(self.broker)
+        self.timings["revive"] = time.monotonic() - began
+        return self.timings["revive"]
 
     def _wait_ready(self, broker: Broker) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -457,6 +541,7 @@ class LocalBroker:
             # beam may outlive the wrapper shell for a moment: reap the whole group.
             _wait_group_gone(proc.pid, timeout)
             watchdog.unregister_process_group(proc.pid)
+        self.claims.release()
         self.timings["stop"] = time.monotonic() - began
 
 

@@ -50,6 +50,12 @@ class Provision:
     broker: Broker
     #: vhosts of killed sessions that ``start`` removed (external provider only)
     reaped: tuple[str, ...] = ()
+    #: the harness runs this broker itself and may start it again when it stops answering
+    revivable = False
+
+    def revive(self) -> float:
+        """Start the broker again on the same address and credentials; returns the seconds it took."""
+        raise BrokerError(f"the {self.name} provider's broker is not the harness's to restart")
 
     def close(self) -> None:  # pragma: no cover - overridden
         pass
@@ -123,6 +129,7 @@ def open_provider(settings: ProviderSettings, workdir: Path) -> Provision:
 
 class LocalProvision(Provision):
     name = "local"
+    revivable = True
 
     def __init__(self, settings: ProviderSettings):
         self.settings = settings
@@ -133,6 +140,9 @@ class LocalProvision(Provision):
                                  stop_mode=self.settings.stop_mode)
         self.broker = self.local.start()
         self.broker.restart = self.local.restart
+
+    def revive(self) -> float:
+        return self.local.revive()
 
     def close(self) -> None:
         if self.local is not None:
