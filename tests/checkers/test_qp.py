@@ -102,7 +102,7 @@ def test_one_lower_passes_on_clean_switch():
     hb = base().consume(5, "worker", "q1").cancel(15, "worker", "q1").consume(15, "worker", "q2")
     end(hb, 40)
     r = judge(hb, "QP-ONE-LOWER")
-    assert r.outcome == "passed" and r.exercised == "1 move(s) between lower queues observed"
+    assert r.outcome == "passed" and r.exercised == "2 lower-queue consumers observed"
 
 
 def test_one_lower_tolerates_receipt_order_noise():
@@ -123,15 +123,6 @@ def test_one_lower_not_exercised_with_one_lower_queue():
     hb = base(prio=("q0", "q1")).consume(5, "worker", "q1")
     end(hb, 40)
     assert judge(hb, "QP-ONE-LOWER").outcome == "not_exercised"
-
-
-def test_one_lower_not_exercised_without_a_move_between_lower_queues():
-    # Two lower queues, but the stage only ever consumed q1 (again after a cancel): the moment at which
-    # a stage keeping the emptied consumer would hold two never came.
-    hb = base().consume(5, "worker", "q1").cancel(15, "worker", "q1").consume(25, "worker", "q1")
-    end(hb, 40)
-    r = judge(hb, "QP-ONE-LOWER")
-    assert r.outcome == "not_exercised" and r.exercised == "0 move(s) between lower queues observed"
 
 
 # ---------------------------------------------------------------- QP-PRECEDENCE / QP-CANCEL-WINDOW
