@@ -327,6 +327,11 @@ def check_reconnect(ctx: Context) -> ClauseResult:
         a, b = f["t"] - 1, min(f["t"] + FAULT_EFFECT_WINDOW, ctx.teardown)
         ev = (_first_after(conn_closes, a, b, lambda e: e.get("stage") == name)
               or _first_after(chan_closes, a, b, lambda e: e.get("stage") == name))
+        # A stage that exits has lost its connection by then: when the observer could not tie the
+        # fault's close to the stage (its close stamped without a stage), its exit marks the close.
+        ex = _exit_between(sv, a, ev["t"] if ev is not None else b, ctx)
+        if ex is not None and (ev is None or ex["t"] < ev["t"]):
+            ev = {**ex, "t": ex["t"] - 0.01}
         if ev is None:
             continue
         tc = ev["t"]

@@ -92,7 +92,8 @@ def test_external_broker_is_left_alone_and_later_tests_name_the_test_that_broke_
                          r"within 5 s \(\w+\)\. It is not the harness's to restart", out), out
         for later in ("test_2_still_has_a_working_broker", "test_3_needs_only_the_broker"):
             assert f"ERROR at setup of {later}" in out, out
-        assert out.count("stopped answering after test test_inner.py::test_1_breaks_the_broker") == 2, out
+        # named at both later setups (the short summary may repeat the lines)
+        assert out.count("stopped answering after test test_inner.py::test_1_breaks_the_broker") >= 2, out
         assert "cannot create this test's vhost" not in out, out
         assert "Traceback" not in out, out
         assert local.process.poll() is not None and local.epmd.poll() is None, "the harness restarted it"

@@ -399,3 +399,15 @@ def test_poison_crash_counts_when_the_firehose_stamps_the_poison_after_the_exit_
     r = judge(hb.finish(3), "FT-POISON")
     assert r.outcome == "failed"
     assert r.findings[0].explanation.startswith("Stage worker exited (code 3) at +1.5 s, 0.2 s after a poison message")
+
+
+def test_reconnect_takes_the_exit_as_the_close_when_the_close_was_not_tied_to_the_stage():
+    # Seen live: the fault's connection close was stamped without a stage; the worker then exited
+    # (code 5) and its supervisor restarted it; only the close at its exit named the worker.
+    hb = HB().stage(0, "worker", priority=("q0",)).consume(0.5, "worker", "q0")
+    hb.levels(0, 30, {"q0": [(0, 0), (1, 10), (25, 0)]})
+    hb.fault(1.5, "close_connection", "worker").ev(2.3, "connection_closed", conn="c1", stage=None)
+    hb.supervised_restart(3.7, "worker", 5, 1, backoff=0.2, priority=("q0",))
+    hb.ev(3.72, "connection_closed", conn="c0", stage="worker").consume(4.5, "worker", "q0")
+    r = judge(hb.phase(30, "teardown").finish(30.5), "FT-RECONNECT")
+    assert r.outcome == "passed" and "1 answered by a supervisor restart" in r.exercised, (r.exercised, r.findings)
