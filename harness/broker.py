@@ -211,18 +211,24 @@ class Broker:
 CONNECT_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException)
 
 
-def amqp_answers(broker: Broker, vhost: str = "/") -> bool:
-    """True when a full AMQP handshake (login included) succeeds."""
+def amqp_problem(broker: Broker, vhost: str = "/", timeout: float = 2.0, **limits: float) -> str | None:
+    """Why a full AMQP handshake (login included) failed within ``timeout`` seconds, or None when it
+    succeeded. ``limits`` are further pika connection timeouts (``stack_timeout``)."""
     try:
         connection = pika.BlockingConnection(broker.connection_parameters(
-            vhost, connection_attempts=1, socket_timeout=2, blocked_connection_timeout=2))
-    except CONNECT_ERRORS:
-        return False
+            vhost, connection_attempts=1, socket_timeout=timeout, blocked_connection_timeout=timeout, **limits))
+    except CONNECT_ERRORS as error:
+        return f"AMQP at {broker.host}:{broker.amqp_port} did not answer within {timeout:g} s ({type(error).__name__})"
     try:
         connection.close()
     except pika.exceptions.AMQPError:
-        pass
-    return True
+        pass  # it answered; a close that fails says nothing about the broker
+    return None
+
+
+def amqp_answers(broker: Broker, vhost: str = "/") -> bool:
+    """True when a full AMQP handshake (login included) succeeds."""
+    return amqp_problem(broker, vhost) is None
 
 
 # A health probe runs after every test that used the session broker, so it must be cheap: one AMQP
@@ -241,18 +247,7 @@ def health_problem(broker: Broker, deadline: float = HEALTH_DEADLINE) -> str | N
     """
     if broker.process_groups and not watchdog.group_members(broker.process_groups[0]):
         return f"its rabbitmq-server (process group {broker.process_groups[0]}) is no longer running"
-    try:
-        connection = pika.BlockingConnection(broker.connection_parameters(
-            connection_attempts=1, socket_timeout=deadline, stack_timeout=deadline,
-            blocked_connection_timeout=deadline))
-    except CONNECT_ERRORS as error:
-        return (f"AMQP at {broker.host}:{broker.amqp_port} did not answer within {deadline:g} s "
-                f"({type(error).__name__})")
-    try:
-        connection.close()
-    except pika.exceptions.AMQPError:
-        pass  # it answered; a close that fails is not the broker's health
-    return broker.management.ping(deadline)
+    return amqp_problem(broker, timeout=deadline, stack_timeout=deadline) or broker.management.ping(deadline)
 
 
 def readiness_problem(broker: Broker) -> str | None:
