@@ -17,6 +17,7 @@ import bisect
 from harness.checkers._common import DECISIVE_WINDOWS, Context, fault_family, intersect, merge
 from harness.checkers.dl import _ex, tally
 from harness.checkers.model import ClauseResult, Finding
+from harness.checkers.registry import clause
 from harness.messages import UNPARSEABLE
 
 # How long after a fault request the broker's own event (queue.deleted, connection.closed) may come.
@@ -138,6 +139,7 @@ def _stages_reading(ctx: Context, queue: str, t: float):
     return out
 
 
+@clause("FT-QUEUE-GONE", "deleting a lower queue does not stop the stage")
 def check_queue_gone(ctx: Context) -> ClauseResult:
     """Rule, per queue-deletion fault on queue q (timed from the broker's queue_deleted when there is
     one within 30 s): every stage reading q that was alive then must (a) not exit before teardown, and
@@ -189,6 +191,7 @@ def check_queue_gone(ctx: Context) -> ClauseResult:
     return _result(ctx, "FT-QUEUE-GONE", findings, judged, f"{judged} stage(s) judged after a queue deletion", unjudged)
 
 
+@clause("FT-POISON", "an unparseable message is reported and removed, not a blocker")
 def check_poison(ctx: Context) -> ClauseResult:
     """Rule, per poison fault on queue q (or on a stage: its read queues): the poison messages are the
     harness's publishes to q within [fault - 1 s, fault + 5 s], cut short by the next poison fault on
@@ -299,6 +302,7 @@ def _unreported_poison(ctx: Context, delivered, problems: list[float]) -> list[F
     return []
 
 
+@clause("FT-RECONNECT", "after a broker-side close the stage reconnects and obeys the rules again")
 def check_reconnect(ctx: Context) -> ClauseResult:
     """Rule, per connection-close fault on stage S, timed from the broker's connection_closed (or
     channel_closed) for S within 30 s of the request: (a) S does not exit before it consumes again,
@@ -400,5 +404,3 @@ def _judge_reconnect(ctx: Context, sv, ev: dict, findings: list[Finding]) -> tup
                 f"within W = {W:g} s.", name, [q0], tr, tr + W, [ev]))
     return short, since
 
-
-CHECKS = {"FT-QUEUE-GONE": check_queue_gone, "FT-POISON": check_poison, "FT-RECONNECT": check_reconnect}
