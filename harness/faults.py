@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 # -- harness faults -------------------------------------------------------------------------
 POISON_SHAPES = ("not_json", "missing_fields")
+BAD_COMMAND_SHAPES = ("empty", "not_json", "not_a_command")
 
 # Parameter types: 'bool', 'seconds' (> 0), 'count' (whole number >= 1), or a tuple of choices.
 ParamType = str | tuple[str, ...]
@@ -48,6 +49,8 @@ HARNESS_FAULTS: dict[str, HarnessFault] = {f.kind: f for f in [
     # Not a fault of the engine: the admin aborts the client's latest scan through the
     # broadcast exchange, so that command handling (RT-BROADCAST) is exercised.
     HarnessFault("abort_scan", "client", "the admin aborts the client's latest scan (a command on broadcast)"),
+    HarnessFault("bad_command", None, "publish malformed messages on the broadcast exchange: `count` of "
+                 "each `shape` (default: one of every shape)", {"shape": BAD_COMMAND_SHAPES, "count": "count"}),
 ]}
 
 
@@ -153,6 +156,10 @@ ENGINE_FAULTS: dict[str, EngineFault] = {f.name: f for f in [
     EngineFault("no_reconnect", ("FT-RECONNECT",), "reconnect",
                 "When the broker closes the connection the stage exits with code 5 instead of "
                 "reconnecting.", may_also=("QP-FIRST-PINNED", "QP-PROGRESS", "DL-EXACTLY-ONCE")),
+    EngineFault("crash_on_bad_command", ("FT-BAD-COMMAND",), "bad_command",
+                "A message on the broadcast exchange that is not a command (empty, not JSON, or JSON "
+                "without a command's fields) crashes the stage (exit code 6) instead of being ignored.",
+                may_also=("QP-FIRST-PINNED", "QP-PROGRESS", "DL-EXACTLY-ONCE")),
 ]}
 
 

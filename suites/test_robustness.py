@@ -59,3 +59,9 @@ def test_a_killed_and_a_paused_worker_lose_nothing(scenario_runner):
     assert "kill_stage" in kinds and "pause_stage" in kinds and "resume_stage" in kinds
     restarted = [e for e in run.history.of("stage_started") if e["stage"] == "worker#2"]
     assert len(restarted) == 2, "worker#2 was not started again after the kill"
+
+
+@pytest.mark.clauses("FT-BAD-COMMAND", "RT-BROADCAST", "DL-EXACTLY-ONCE")
+def test_malformed_broadcast_messages_do_not_stop_a_stage(scenario_runner):
+    run = scenario_runner(f"{HERE}/bad_command.yaml")
+    assert_clauses(run)

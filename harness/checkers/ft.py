@@ -404,3 +404,75 @@ def _judge_reconnect(ctx: Context, sv, ev: dict, findings: list[Finding]) -> tup
                 f"within W = {W:g} s.", name, [q0], tr, tr + W, [ev]))
     return short, since
 
+
+
+# Result types a stage publishes for an object: their scan shows whose work it did.
+RESULT_TYPES = ("MatchesMessage", "MetadataMessage")
+
+
+@clause("FT-BAD-COMMAND", "a malformed broadcast message does not stop, wedge or slow any stage")
+def check_bad_command(ctx: Context) -> ClauseResult:
+    """Rule, per bad_command fault (malformed messages the harness published on the broadcast
+    exchange) at time t: every stage alive at t must (a) not exit before teardown (a restart by its
+    policy does not excuse the exit: the stage stopped); (b) while any queue it reads holds ready
+    messages (observed non-empty) after t, receive a delivery at least every 2W (a wedged or stalled
+    stage receives nothing); (c) let a later valid command take effect: when the admin aborts a scan
+    after t, no stage publishes a result of that scan more than W after the abort. A (fault, stage)
+    pair counts as judged only when the stage's queues held ready work for 2W in all after t; a
+    finding fails the clause either way."""
+    W = ctx.windows.W
+    faults = [f for f in ctx.history.of("fault") if f.get("kind") == "bad_command" and f["t"] < ctx.teardown]
+    if not faults:
+        return ClauseResult("FT-BAD-COMMAND", "not_exercised", "0 malformed-command faults")
+    deliv = _deliveries(ctx)
+    findings, judged, unjudged = [], 0, []
+    for f in faults:
+        t = f["t"]
+        for sv in [sv for sv in ctx.stages.values() if any(a <= t < b for a, b in sv.lives)]:
+            short = _shortfall(ctx, [sv], sv.reads, t, after="the malformed commands")
+            if short:
+                unjudged.append(f"{sv.name}: {short}")
+            else:
+                judged += 1
+            ex = _exit_between(sv, t, ctx.teardown, ctx)
+            if ex is not None:
+                findings.append(Finding(
+                    "FT-BAD-COMMAND",
+                    f"Stage {sv.name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])}, "
+                    f"{ex['t'] - t:.1f} s after malformed messages on the broadcast exchange"
+                    f"{_restarts_note(sv, t)}.", sv.name, [], t, ex["t"], [f, ex]))
+                continue
+            work = intersect(merge(iv for q in sv.reads for iv in ctx.levels.pos.get(q, ())),
+                             [(t, min(ctx.teardown, ctx.end))])
+            gap = _first_silence(deliv.get(sv.name, []), work, 2 * W) if ctx.history.of("deliver") else None
+            if gap:
+                findings.append(Finding(
+                    "FT-BAD-COMMAND",
+                    f"Stage {sv.name} received nothing for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}) after "
+                    f"malformed messages on the broadcast exchange at {ctx.rel(t)}, although its queues held "
+                    f"ready messages: it is wedged or stalled.", sv.name, sv.reads, gap[0], gap[1], [f]))
+    findings += _aborts_ignored(ctx, min(f["t"] for f in faults))
+    text = f"{judged} stage(s) judged after {len(faults)} malformed-command fault(s)"
+    if unjudged:
+        text += "; not judged: " + "; ".join(unjudged)
+    return ClauseResult("FT-BAD-COMMAND", "failed" if findings else "passed" if judged else "not_exercised",
+                        text, findings)
+
+
+def _aborts_ignored(ctx: Context, since: float) -> list[Finding]:
+    """(c) results of a scan aborted after ``since`` that a stage published more than W after the abort."""
+    findings = []
+    for abort in ctx.history.of("phase"):
+        if abort.get("name") != "scan_aborted" or abort["t"] < since:
+            continue
+        late = [e for e in ctx.history.of("publish") if e["t"] > abort["t"] + ctx.windows.W
+                and e.get("stage") not in ("harness", None) and (e.get("msg") or {}).get("scan") == abort.get("scan")
+                and (e.get("msg") or {}).get("type") in RESULT_TYPES]
+        if late:
+            findings.append(Finding(
+                "FT-BAD-COMMAND",
+                f"Scan {abort.get('scan')} was aborted at {ctx.rel(abort['t'])}, after malformed messages on the "
+                f"broadcast exchange, yet {len(late)} of its results were published from {ctx.rel(late[0]['t'])} "
+                f"on (more than W = {ctx.windows.W:g} s later): the abort did not take effect.",
+                late[0].get("stage"), [], abort["t"], late[-1]["t"], [abort, late[0]]))
+    return findings
