@@ -159,7 +159,8 @@ ENGINE_FAULTS: dict[str, EngineFault] = {f.name: f for f in [
     EngineFault("crash_on_bad_command", ("FT-BAD-COMMAND",), "bad_command",
                 "A message on the broadcast exchange that is not a command (empty, not JSON, or JSON "
                 "without a command's fields) crashes the stage (exit code 6) instead of being ignored.",
-                may_also=("QP-FIRST-PINNED", "QP-PROGRESS", "DL-EXACTLY-ONCE")),
+                # With every stage gone, the abort that follows reaches no queue (RT-ROUTABLE).
+                may_also=("QP-FIRST-PINNED", "QP-PROGRESS", "RT-ROUTABLE", "DL-EXACTLY-ONCE")),
 ]}
 
 
