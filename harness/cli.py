@@ -5,6 +5,7 @@
                             [--grace S] [--clauses QP-PRECEDENCE,RT] [--timeline out.png] [--json]
     python -m harness schema
     python -m harness clauses [--rules]
+    python -m harness faults [--markdown]
 
 Exit status: 0 all good, 1 a clause failed (findings printed, clause id first), 2 a file could
 not be used (the message names the file, the field and the reason; never a traceback).
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the scenario JSON Schema")
     rp = sub.add_parser("clauses", help="list the clause ids (with --rules: the exact rule each checker applies)")
     rp.add_argument("--rules", action="store_true")
+    fp = sub.add_parser("faults", help="list the harness, reference-engine and configuration faults "
+                                       "(with --markdown: the docs table of engine faults)")
+    fp.add_argument("--markdown", action="store_true")
     return p
 
 
@@ -140,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cid:<17} {title}")
             if args.rules:
                 print("\n".join("    " + line for line in texts[cid].splitlines()) + "\n")
+        return EXIT_OK
+    if args.command == "faults":
+        from harness import faults
+        print(faults.engine_fault_table() if args.markdown else faults.describe())
         return EXIT_OK
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))

@@ -17,11 +17,24 @@ from harness.broker import Broker, BrokerError
 from harness.history import HistoryWriter
 from harness.flood import poison_body
 from harness.messages import encode_body
+from harness.faults import BAD_COMMAND_SHAPES
 from harness.scenario import Fault
 from harness.schedule import BrokerState, is_due
 
 
 CLOSE_DEADLINE = 15.0  # seconds to get a connection closed through the management API
+
+
+def bad_command_body(shape: str) -> tuple[bytes, pika.BasicProperties]:
+    """A malformed broadcast message, sent with the admin's command properties where it has a body."""
+    command_like = pika.BasicProperties(priority=10, delivery_mode=2, content_encoding="gzip")
+    if shape == "empty":
+        return b"", pika.BasicProperties(priority=10, delivery_mode=2)
+    if shape == "not_json":
+        return b"\x00this is not a command {", pika.BasicProperties(priority=10, delivery_mode=2)
+    if shape == "not_a_command":
+        return encode_body({"greeting": "hello", "scan_tag": None}), command_like
+    raise ValueError(f"unknown bad_command shape {shape!r}; known: {', '.join(BAD_COMMAND_SHAPES)}")
 
 
 class NemesisError(RuntimeError):
@@ -171,6 +184,16 @@ class Nemesis:
             channel.exchange_declare("broadcast", "fanout", durable=True)
             channel.confirm_delivery()
             channel.basic_publish("broadcast", "", encode_body(command), properties)
+
+    def _bad_command(self, fault: Fault) -> None:
+        shapes = [fault.params["shape"]] if "shape" in fault.params else list(BAD_COMMAND_SHAPES)
+        with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
+            channel = connection.channel()
+            channel.exchange_declare("broadcast", "fanout", durable=True)
+            channel.confirm_delivery()
+            for shape in shapes * int(fault.params.get("count", 1)):
+                body, properties = bad_command_body(shape)
+                channel.basic_publish("broadcast", "", body, properties)
 
     def _restart_broker(self, fault: Fault) -> None:
         if self.broker.restart is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from harness.checkers import TITLES
+from harness.checkers import TITLES, registry
 from harness.checkers._common import build_context
 from harness.checkers.model import ClauseResult, Finding, Windows
 
@@ -91,13 +91,6 @@ def format_failure(results: Iterable[ClauseResult], history=None, timeline: Path
     return "\n".join(blocks)
 
 
-def format_latency(r: ClauseResult) -> str:
-    lat = r.metrics.get("latency_s") or {}
-    if not lat.get("count"):
-        return "no switches observed"
-    return f"min {lat['min']:.2f} s, median {lat['median']:.2f} s, max {lat['max']:.2f} s (n={lat['count']})"
-
-
 def format_summary(results: Iterable[ClauseResult]) -> str:
     """One line per clause: id, outcome, how often exercised; then the cancel latencies."""
     results = list(results)
@@ -107,8 +100,9 @@ def format_summary(results: Iterable[ClauseResult]) -> str:
         extra = f" ({len(r.findings)} findings)" if r.failed else ""
         lines.append(f"  {r.clause:<17} {marks.get(r.outcome, r.outcome)}  {r.exercised}{extra}")
     for r in results:
-        if r.clause == "QP-CANCEL-WINDOW":
-            lines.append(f"  switch latency: {format_latency(r)}")
+        metric = registry.get(r.clause).metric if r.clause in TITLES else None
+        if metric is not None:
+            lines.append(f"  {metric(r)}")
     n = {k: sum(1 for r in results if r.outcome == k) for k in marks}
     head = f"qp-harness: {n['passed']} passed, {n['failed']} failed, {n['not_exercised']} not exercised"
     if n["error"]:
@@ -322,4 +316,4 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     return path
 
 
-__all__ = ["format_failure", "format_finding", "format_summary", "format_latency", "render_timeline", "TITLES"]
+__all__ = ["format_failure", "format_finding", "format_summary", "render_timeline", "TITLES"]

@@ -60,6 +60,7 @@ class RunResult:
     # workload could not be published): the test fails on these whatever the clauses say.
     problems: list[str] = field(default_factory=list)
     timeline: Path | None = None
+    marked: tuple[str, ...] = ()  # the clauses the test states (its ``clauses`` marker), set by the plugin
 
     def result(self, clause: str) -> ClauseResult:
         for result in self.results:

@@ -20,28 +20,13 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from harness.checkers.registry import clause_ids
+from harness.faults import HARNESS_FAULTS, param_problem
 from harness.messages import DEFAULT_CONVERSION_QUEUE, DEFAULT_EXPLORER_QUEUE, OUTPUT_QUEUES
 
-# Every clause id of SPEC.md; checks.clauses and checks.expect_fail must name these.
-CLAUSE_IDS = (
-    "QP-DECLARE", "QP-FIRST-PINNED", "QP-ONE-LOWER", "QP-PRECEDENCE", "QP-CANCEL-WINDOW", "QP-PROGRESS",
-    "QP-DRAIN-ORDER", "RT-ONE-TYPE", "RT-TENANT", "RT-ROUTABLE", "RT-BROADCAST", "DL-EXACTLY-ONCE",
-    "CF-ALIGN", "CF-NO-DUP", "CF-ONE-TYPE", "FT-QUEUE-GONE", "FT-POISON", "FT-RECONNECT",
-)
-
-# Fault kinds (issue 7) -> what their target names ('queue', 'stage' or None) and their params.
-FAULT_KINDS: dict[str, tuple[str | None, dict[str, str]]] = {
-    "delete_queue": ("queue", {}),
-    "close_connection": ("stage", {}),
-    "kill_stage": ("stage", {"restart": "bool"}),
-    "restart_broker": (None, {"seconds": "seconds"}),
-    "pause_stage": ("stage", {"seconds": "seconds"}),
-    "poison": ("queue", {"shape": "shape", "count": "count"}),
-    # Not a fault of the engine: the admin aborts the client's latest scan through the
-    # broadcast exchange, so that command handling (RT-BROADCAST) is exercised.
-    "abort_scan": ("client", {}),
-}
-POISON_SHAPES = ("not_json", "missing_fields")
+# Every clause id of SPEC.md (the registry's); checks.clauses and checks.expect_fail must name these.
+CLAUSE_IDS = clause_ids()
+FAULT_KINDS = tuple(HARNESS_FAULTS)
 
 # Set by the stage launcher; a scenario may not override them through a stage's env.
 RESERVED_ENV = ("QUEUE_PRIORITY", "OS2DS_ENGINE_USER_CONFIG_PATH")
@@ -296,16 +281,12 @@ class Phase(Strict):
 class Fault(Strict):
     """A disturbance, due as a phase is: ``at`` seconds in, once its ``when`` trigger holds.
 
-    kinds (FAULT_KINDS): delete_queue (target queue), close_connection (target stage),
-    kill_stage (target stage; params restart: bool), restart_broker (no target; params
-    seconds: down time), pause_stage (target stage; params seconds), poison (target queue;
-    params shape: not_json|missing_fields, count: int >= 1), abort_scan (target client: the
-    admin aborts that client's latest scan with a command on the broadcast exchange).
+    ``kind`` is one of harness.faults.HARNESS_FAULTS (``python -m harness faults`` lists them with
+    what ``target`` names and the ``params`` each takes).
     """
 
     name: Label | None = None
-    kind: Literal["delete_queue", "close_connection", "kill_stage", "restart_broker", "pause_stage", "poison",
-                  "abort_scan"]
+    kind: Literal[FAULT_KINDS]  # type: ignore[valid-type]
     at: Seconds = 0.0
     when: Trigger | None = None
     target: Annotated[str, Field(min_length=1)] | None = None
@@ -314,24 +295,15 @@ class Fault(Strict):
     @model_validator(mode="after")
     def target_and_params(self) -> "Fault":
         problems = []
-        wants, allowed = FAULT_KINDS[self.kind]
+        wants = HARNESS_FAULTS[self.kind].target
         if wants and self.target is None:
             problems.append(f"@target: {self.kind} needs a target {wants}")
         elif not wants and self.target is not None:
             problems.append(f"@target: {self.kind} takes no target")
         for key, value in self.params.items():
-            what = allowed.get(key)
-            if what is None:
-                known = ", ".join(allowed) or "none"
-                problems.append(f"@params.{key}: unknown parameter for {self.kind} (known: {known})")
-            elif what == "bool" and not isinstance(value, bool):
-                problems.append(f"@params.{key}: must be true or false")
-            elif what == "seconds" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                problems.append(f"@params.{key}: must be a number of seconds > 0")
-            elif what == "count" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                problems.append(f"@params.{key}: must be a whole number >= 1")
-            elif what == "shape" and value not in POISON_SHAPES:
-                problems.append(f"@params.{key}: must be one of {', '.join(POISON_SHAPES)}")
+            problem = param_problem(self.kind, key, value)
+            if problem:
+                problems.append(f"@params.{key}: {problem}")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -402,7 +374,7 @@ class Scenario(Strict):
                                 "use 'via: conversions' to fill conversion queues directly")
         for index, fault in enumerate(self.faults):
             where = f"faults.{index}"
-            wants = FAULT_KINDS[fault.kind][0]
+            wants = HARNESS_FAULTS[fault.kind].target
             if wants == "stage" and fault.target is not None and not _is_stage(fault.target, instances):
                 problems.append(f"@{where}.target: unknown stage {fault.target!r}{_known(fault.target, stages)}")
             if wants == "client" and fault.target is not None and fault.target not in clients:

@@ -242,6 +242,7 @@ def scenario_runner(request: pytest.FixtureRequest, broker, vhost, tmp_path: Pat
         settings = EngineSettings(engine.command, {**engine.env, **(engine_env or {})}, engine.restart)
         result = run_scenario(scenario, broker, vhost.name, windows, settings, report_dir,
                               tmp_path / f"data{len(runs)}", progress)
+        result.marked = marked_clauses(request.node)
         runs.append(result)
         _save_pictures(config, result)
         request.node.user_properties.append((SUMMARY_KEY, json.dumps(_summary(request.node.nodeid, result))))
@@ -280,9 +281,34 @@ def _summary(nodeid: str, result: RunResult) -> dict[str, Any]:
 
 
 # -- asserting clauses -------------------------------------------------------
+def marked_clauses(node: pytest.Item) -> tuple[str, ...]:
+    """The clause ids of the test's ``clauses`` markers, in the order written."""
+    ids: list[str] = []
+    for marker in node.iter_markers("clauses"):
+        ids += [c for c in marker.args if c not in ids]
+    return tuple(ids)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A typo in a ``clauses`` marker is a collection error, not a clause silently never asserted."""
+    from harness.checkers import CLAUSE_IDS
+    for item in items:
+        unknown = [c for c in marked_clauses(item) if c not in CLAUSE_IDS]
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.clauses names unknown clause id(s) "
+                                    f"{', '.join(unknown)}; known: {', '.join(CLAUSE_IDS)}")
+
+
 def assert_clauses(result: RunResult, *clauses: str) -> None:
-    """Each clause must be exercised and passed; the failure message starts with the clause id."""
+    """Each clause must be exercised and passed; the failure message starts with the clause id.
+
+    Without ids, the clauses of the test's ``@pytest.mark.clauses(...)`` are asserted: a test
+    states its clauses once, in its marker.
+    """
     from harness.report import format_failure
+    clauses = clauses or result.marked
+    if not clauses:
+        raise AssertionError("assert_clauses: no clause to assert; mark the test with @pytest.mark.clauses(...)")
     problems: list[ClauseResult] = []
     for clause in clauses:
         outcome = result.result(clause)

@@ -337,6 +337,8 @@ class Stage:
         try:
             command = messages.parse_command(messages.decode(item.body, item.properties.content_encoding))
         except messages.PoisonMessage as exc:
+            if self.settings.has("crash_on_bad_command"):
+                raise StageExit(6, f"a broadcast message that is not a command (fault crash_on_bad_command): {exc}")
             log.warning("ignoring a broadcast message that is not a command: %s", exc)
             self.channel.basic_ack(item.delivery_tag)
             return

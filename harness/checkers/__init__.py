@@ -1,40 +1,19 @@
 """Checkers: pure functions from a history (and its scenario) to one ``ClauseResult`` per clause.
 
 ``check_all(history, scenario, windows)`` is the entry point; ``CLAUSES`` lists every clause of
-SPEC.md in its order with a one-line title. Each family module (qp, rt, dl, cf, ft) documents in
-its functions' docstrings the exact rule it implements.
+SPEC.md in its order with a one-line title, read from the registry (``registry.py``) where each
+family module (qp, rt, dl, cf, ft) registers its checkers. A checker's docstring states the exact
+rule it implements.
 """
 from __future__ import annotations
 
-from harness.checkers import cf, dl, ft, qp, rt
+from harness.checkers import registry
 from harness.checkers._common import Context, build_context
 from harness.checkers.model import SPEC_DEFAULT, ClauseResult, Finding, Windows
 
-CLAUSES: list[tuple[str, str]] = [
-    ("QP-DECLARE", "every QUEUE_PRIORITY queue exists within G of start"),
-    ("QP-FIRST-PINNED", "the consumer on the first queue is never cancelled while running"),
-    ("QP-ONE-LOWER", "never consumers on two lower queues at once"),
-    ("QP-PRECEDENCE", "no lower queue consumed for W while a higher queue has ready messages"),
-    ("QP-CANCEL-WINDOW", "the lower consumer is cancelled within W of work arriving above"),
-    ("QP-PROGRESS", "allowed work is not left waiting for W"),
-    ("QP-DRAIN-ORDER", "in a drain, each queue is emptied before the next one is served"),
-    ("RT-ONE-TYPE", "each queue carries one message type"),
-    ("RT-TENANT", "a client's conversions go to its full/delta queue; results carry its organisation"),
-    ("RT-ROUTABLE", "no published message is dropped as unroutable"),
-    ("RT-BROADCAST", "commands travel only on the broadcast exchange"),
-    ("DL-EXACTLY-ONCE", "every object of every scan produces exactly one result"),
-    ("CF-ALIGN", "every client queue is read by a stage of the right kind"),
-    ("CF-NO-DUP", "no QUEUE_PRIORITY lists a queue twice"),
-    ("CF-ONE-TYPE", "no queue is both an explorer and a conversion queue"),
-    ("FT-QUEUE-GONE", "deleting a lower queue does not stop the stage"),
-    ("FT-POISON", "an unparseable message is reported and removed, not a blocker"),
-    ("FT-RECONNECT", "after a broker-side close the stage reconnects and obeys the rules again"),
-]
+CLAUSES: list[tuple[str, str]] = [(c.id, c.title) for c in registry.all_clauses()]
 CLAUSE_IDS = [c for c, _ in CLAUSES]
 TITLES = dict(CLAUSES)
-
-HISTORY_CHECKS = {**qp.CHECKS, **rt.CHECKS, **dl.CHECKS, **ft.CHECKS}
-STATIC_CHECKS = cf.LINTS
 
 
 def select(clauses: list[str] | None) -> list[str]:
@@ -73,23 +52,13 @@ def windows_for(scenario, base: Windows | None = None) -> Windows:
 
 
 def rules() -> dict[str, str]:
-    """Each clause id -> the exact rule its checker implements (its function's docstring)."""
-    import inspect
-    out = {}
-    for cid in CLAUSE_IDS:
-        fn = HISTORY_CHECKS.get(cid) or STATIC_CHECKS.get(cid)
-        doc = inspect.getdoc(fn) or ""
-        if cid == "QP-CANCEL-WINDOW":
-            doc = inspect.getdoc(qp.cancel_latencies) or doc
-        if cid == "DL-EXACTLY-ONCE":
-            doc = inspect.getdoc(dl.tally) or doc
-        out[cid] = doc
-    return out
+    """Each clause id -> the exact rule its checker implements, constants filled in."""
+    return {c.id: c.rule for c in registry.all_clauses()}
 
 
 def lint(scenario) -> list[ClauseResult]:
-    """CF-* only: needs no history and no broker."""
-    return cf.lint(scenario)
+    """The static clauses (CF-*) only: needs no history and no broker."""
+    return [c.check(scenario) for c in registry.all_clauses() if c.static]
 
 
 def check_all(history, scenario=None, windows: Windows | None = None,
@@ -100,16 +69,17 @@ def check_all(history, scenario=None, windows: Windows | None = None,
     ctx = None
     out = []
     for cid in wanted:
-        if cid in STATIC_CHECKS:
+        clause = registry.get(cid)
+        if clause.static:
             if scenario is None:
                 out.append(ClauseResult(cid, "not_exercised", "no scenario given"))
             else:
-                out.append(STATIC_CHECKS[cid](scenario))
+                out.append(clause.check(scenario))
             continue
         try:
             if ctx is None:
                 ctx = build_context(history, scenario, windows)
-            out.append(HISTORY_CHECKS[cid](ctx))
+            out.append(clause.check(ctx))
         except Exception as exc:  # Jepsen's check-safe: one broken checker must not cost the others their verdict
             out.append(checker_error(cid, exc))
     return out

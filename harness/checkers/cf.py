@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from harness.checkers.model import ClauseResult, Finding
+from harness.checkers.registry import clause
 from harness.messages import DEFAULT_CONVERSION_QUEUE, DEFAULT_EXPLORER_QUEUE
 
 EXPLORER_FIELDS = ("explorer_full_queue", "explorer_delta_queue")
@@ -15,6 +16,7 @@ def readable(stage) -> set[str]:
     return set(stage.priority) | {DEFAULT_READ[stage.kind]}
 
 
+@clause("CF-ALIGN", "every client queue is read by a stage of the right kind", static=True)
 def check_align(scenario) -> ClauseResult:
     """Rule: every queue named by a client's explorer fields is read by at least one explorer stage,
     every queue named by its conversion fields by at least one worker stage (a stage reads its
@@ -46,6 +48,7 @@ def check_align(scenario) -> ClauseResult:
     return ClauseResult("CF-ALIGN", "failed" if findings else ("passed" if n else "not_exercised"), text, findings)
 
 
+@clause("CF-NO-DUP", "no QUEUE_PRIORITY lists a queue twice", static=True)
 def check_no_dup(scenario) -> ClauseResult:
     """Rule: no stage's QUEUE_PRIORITY (as written, before de-duplication) names a queue twice."""
     findings = []
@@ -67,6 +70,7 @@ def check_no_dup(scenario) -> ClauseResult:
                         f"{n} QUEUE_PRIORITY lists checked", findings)
 
 
+@clause("CF-ONE-TYPE", "no queue is both an explorer and a conversion queue", static=True)
 def check_one_type(scenario) -> ClauseResult:
     """Rule: no queue name is both an explorer queue (a client's explorer fields, an explorer's read
     queues) and a conversion queue (a client's conversion fields, a worker's read queues)."""
@@ -92,9 +96,3 @@ def check_one_type(scenario) -> ClauseResult:
     return ClauseResult("CF-ONE-TYPE", "failed" if findings else ("passed" if n else "not_exercised"),
                         f"{n} queue names checked", findings)
 
-
-LINTS = {"CF-ALIGN": check_align, "CF-NO-DUP": check_no_dup, "CF-ONE-TYPE": check_one_type}
-
-
-def lint(scenario) -> list[ClauseResult]:
-    return [f(scenario) for f in LINTS.values()]

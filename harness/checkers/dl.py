@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from harness.checkers._common import Context, fault_family
 from harness.checkers.model import ClauseResult, Finding
+from harness.checkers.registry import clause
 from harness.checkers.rt import routing
 
 RESULT_QUEUE = "os2ds_matches"
@@ -149,6 +150,7 @@ def _ex(keys) -> str:
     return shown + (f", … {len(keys) - EXAMPLES} more" if len(keys) > EXAMPLES else "")
 
 
+@clause("DL-EXACTLY-ONCE", "every object of every scan produces exactly one result", rule_from=tally)
 def check_exactly_once(ctx: Context) -> ClauseResult:
     t = tally(ctx)
     allow = bool(ctx.scenario is not None and ctx.scenario.checks.allow_duplicates)
@@ -191,5 +193,3 @@ def check_exactly_once(ctx: Context) -> ClauseResult:
         exercised += f" ({len(t.dropped_unroutable)} whose conversion no queue received: RT-ROUTABLE's finding)"
     return ClauseResult("DL-EXACTLY-ONCE", "failed" if findings else "passed", exercised, findings, metrics)
 
-
-CHECKS = {"DL-EXACTLY-ONCE": check_exactly_once}

@@ -17,6 +17,7 @@ import bisect
 from harness.checkers._common import DECISIVE_WINDOWS, Context, fault_family, intersect, merge
 from harness.checkers.dl import _ex, tally
 from harness.checkers.model import ClauseResult, Finding
+from harness.checkers.registry import clause
 from harness.messages import UNPARSEABLE
 
 # How long after a fault request the broker's own event (queue.deleted, connection.closed) may come.
@@ -138,6 +139,7 @@ def _stages_reading(ctx: Context, queue: str, t: float):
     return out
 
 
+@clause("FT-QUEUE-GONE", "deleting a lower queue does not stop the stage")
 def check_queue_gone(ctx: Context) -> ClauseResult:
     """Rule, per queue-deletion fault on queue q (timed from the broker's queue_deleted when there is
     one within 30 s): every stage reading q that was alive then must (a) not exit before teardown, and
@@ -189,6 +191,7 @@ def check_queue_gone(ctx: Context) -> ClauseResult:
     return _result(ctx, "FT-QUEUE-GONE", findings, judged, f"{judged} stage(s) judged after a queue deletion", unjudged)
 
 
+@clause("FT-POISON", "an unparseable message is reported and removed, not a blocker")
 def check_poison(ctx: Context) -> ClauseResult:
     """Rule, per poison fault on queue q (or on a stage: its read queues): the poison messages are the
     harness's publishes to q within [fault - 1 s, fault + 5 s], cut short by the next poison fault on
@@ -299,6 +302,7 @@ def _unreported_poison(ctx: Context, delivered, problems: list[float]) -> list[F
     return []
 
 
+@clause("FT-RECONNECT", "after a broker-side close the stage reconnects and obeys the rules again")
 def check_reconnect(ctx: Context) -> ClauseResult:
     """Rule, per connection-close fault on stage S, timed from the broker's connection_closed (or
     channel_closed) for S within 30 s of the request: (a) S does not exit before it consumes again,
@@ -401,4 +405,74 @@ def _judge_reconnect(ctx: Context, sv, ev: dict, findings: list[Finding]) -> tup
     return short, since
 
 
-CHECKS = {"FT-QUEUE-GONE": check_queue_gone, "FT-POISON": check_poison, "FT-RECONNECT": check_reconnect}
+
+# Result types a stage publishes for an object: their scan shows whose work it did.
+RESULT_TYPES = ("MatchesMessage", "MetadataMessage")
+
+
+@clause("FT-BAD-COMMAND", "a malformed broadcast message does not stop, wedge or slow any stage")
+def check_bad_command(ctx: Context) -> ClauseResult:
+    """Rule, per bad_command fault (malformed messages the harness published on the broadcast
+    exchange) at time t: every stage alive at t must (a) not exit before teardown (a restart by its
+    policy does not excuse the exit: the stage stopped); (b) while any queue it reads holds ready
+    messages (observed non-empty) after t, receive a delivery at least every 2W (a wedged or stalled
+    stage receives nothing); (c) let a later valid command take effect: when the admin aborts a scan
+    after t, no stage publishes a result of that scan more than W after the abort. A (fault, stage)
+    pair counts as judged only when the stage's queues held ready work for 2W in all after t; a
+    finding fails the clause either way."""
+    W = ctx.windows.W
+    faults = [f for f in ctx.history.of("fault") if f.get("kind") == "bad_command" and f["t"] < ctx.teardown]
+    if not faults:
+        return ClauseResult("FT-BAD-COMMAND", "not_exercised", "0 malformed-command faults")
+    deliv = _deliveries(ctx)
+    findings, judged, unjudged = [], 0, []
+    for f in faults:
+        t = f["t"]
+        for sv in [sv for sv in ctx.stages.values() if any(a <= t < b for a, b in sv.lives)]:
+            short = _shortfall(ctx, [sv], sv.reads, t, after="the malformed commands")
+            if short:
+                unjudged.append(f"{sv.name}: {short}")
+            else:
+                judged += 1
+            ex = _exit_between(sv, t, ctx.teardown, ctx)
+            if ex is not None:
+                findings.append(Finding(
+                    "FT-BAD-COMMAND",
+                    f"Stage {sv.name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])}, "
+                    f"{ex['t'] - t:.1f} s after malformed messages on the broadcast exchange"
+                    f"{_restarts_note(sv, t)}.", sv.name, [], t, ex["t"], [f, ex]))
+                continue
+            work = intersect(merge(iv for q in sv.reads for iv in ctx.levels.pos.get(q, ())),
+                             [(t, min(ctx.teardown, ctx.end))])
+            gap = _first_silence(deliv.get(sv.name, []), work, 2 * W) if ctx.history.of("deliver") else None
+            if gap:
+                findings.append(Finding(
+                    "FT-BAD-COMMAND",
+                    f"Stage {sv.name} received nothing for {gap[1] - gap[0]:.1f} s ({ctx.span(*gap)}) after "
+                    f"malformed messages on the broadcast exchange at {ctx.rel(t)}, although its queues held "
+                    f"ready messages: it is wedged or stalled.", sv.name, sv.reads, gap[0], gap[1], [f]))
+    findings += _aborts_ignored(ctx, min(f["t"] for f in faults))
+    text = f"{judged} stage(s) judged after {len(faults)} malformed-command fault(s)"
+    if unjudged:
+        text += "; not judged: " + "; ".join(unjudged)
+    return ClauseResult("FT-BAD-COMMAND", "failed" if findings else "passed" if judged else "not_exercised",
+                        text, findings)
+
+
+def _aborts_ignored(ctx: Context, since: float) -> list[Finding]:
+    """(c) results of a scan aborted after ``since`` that a stage published more than W after the abort."""
+    findings = []
+    for abort in ctx.history.of("phase"):
+        if abort.get("name") != "scan_aborted" or abort["t"] < since:
+            continue
+        late = [e for e in ctx.history.of("publish") if e["t"] > abort["t"] + ctx.windows.W
+                and e.get("stage") not in ("harness", None) and (e.get("msg") or {}).get("scan") == abort.get("scan")
+                and (e.get("msg") or {}).get("type") in RESULT_TYPES]
+        if late:
+            findings.append(Finding(
+                "FT-BAD-COMMAND",
+                f"Scan {abort.get('scan')} was aborted at {ctx.rel(abort['t'])}, after malformed messages on the "
+                f"broadcast exchange, yet {len(late)} of its results were published from {ctx.rel(late[0]['t'])} "
+                f"on (more than W = {ctx.windows.W:g} s later): the abort did not take effect.",
+                late[0].get("stage"), [], abort["t"], late[-1]["t"], [abort, late[0]]))
+    return findings

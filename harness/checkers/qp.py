@@ -14,6 +14,7 @@ from harness.checkers._common import (
     OVERLAP_EPSILON, Context, covers, intersect, longer_than, median, merge, subtract,
 )
 from harness.checkers.model import ClauseResult, Finding
+from harness.checkers.registry import clause
 
 # A cancel up to this long after the last sample that saw the higher queue
 # non-empty still counts as a switch (the queue emptied between two samples).
@@ -82,6 +83,7 @@ def _queues(qs: list[str]) -> str:
 
 # ------------------------------------------------------------------ QP-DECLARE
 
+@clause("QP-DECLARE", "every QUEUE_PRIORITY queue exists within G of start")
 def check_declare(ctx: Context) -> ClauseResult:
     """Rule: for every start of a stage with QUEUE_PRIORITY and every queue q in it, q existed at some
     instant of [start, start + G] (queue_created/queue_deleted events and sampled non-null counts).
@@ -116,6 +118,7 @@ def check_declare(ctx: Context) -> ClauseResult:
 
 # ------------------------------------------------------------------ QP-FIRST-PINNED
 
+@clause("QP-FIRST-PINNED", "the consumer on the first queue is never cancelled while running")
 def check_first_pinned(ctx: Context) -> ClauseResult:
     """Rule, for a stage with first queue q0:
     (a) a consumer on q0 that the stage itself cancelled before teardown is a violation, unless a
@@ -165,6 +168,7 @@ def check_first_pinned(ctx: Context) -> ClauseResult:
 
 # ------------------------------------------------------------------ QP-ONE-LOWER
 
+@clause("QP-ONE-LOWER", "never consumers on two lower queues at once")
 def check_one_lower(ctx: Context) -> ClauseResult:
     """Rule: for a stage with two or more lower queues, the instants where it holds consumers on two
     or more distinct lower queues form intervals; one longer than 0.1 s (receipt-order noise) is a
@@ -210,6 +214,7 @@ def check_one_lower(ctx: Context) -> ClauseResult:
 
 # ------------------------------------------------------------------ QP-PRECEDENCE
 
+@clause("QP-PRECEDENCE", "no lower queue consumed for W while a higher queue has ready messages")
 def check_precedence(ctx: Context) -> ClauseResult:
     """Rule: for each lower queue qi of a stage, H = union of the runs where some higher queue
     q0..q(i-1) was observed non-empty (first to last positive sample). Any overlap of H with the
@@ -241,6 +246,14 @@ def check_precedence(ctx: Context) -> ClauseResult:
 
 
 # ------------------------------------------------------------------ QP-CANCEL-WINDOW
+
+def format_latency(r: ClauseResult) -> str:
+    """QP-CANCEL-WINDOW's figure for the summary: the switch latencies it measured."""
+    lat = r.metrics.get("latency_s") or {}
+    if not lat.get("count"):
+        return "switch latency: no switches observed"
+    return f"switch latency: min {lat['min']:.2f} s, median {lat['median']:.2f} s, max {lat['max']:.2f} s (n={lat['count']})"
+
 
 def cancel_latencies(ctx: Context):
     """Returns (latencies, findings). Rule: for each consumer of a stage on a lower queue qi and each run h of
@@ -305,6 +318,8 @@ def latency_metrics(latencies: list[float]) -> dict:
             "max": round(max(latencies), 3)}
 
 
+@clause("QP-CANCEL-WINDOW", "the lower consumer is cancelled within W of work arriving above",
+        rule_from=cancel_latencies, metric=format_latency)
 def check_cancel_window(ctx: Context) -> ClauseResult:
     latencies, findings = cancel_latencies(ctx)
     res = _result("QP-CANCEL-WINDOW", findings, len(latencies), "switches observed", ctx,
@@ -316,6 +331,7 @@ def check_cancel_window(ctx: Context) -> ClauseResult:
 
 # ------------------------------------------------------------------ QP-PROGRESS
 
+@clause("QP-PROGRESS", "allowed work is not left waiting for W")
 def check_progress(ctx: Context) -> ClauseResult:
     """Rule: inside the stage's consuming segments (first consumer after start/reconnect .. next drop,
     exit or teardown), for each qi: Z = instants where every higher queue q0..q(i-1) was observed empty
@@ -364,6 +380,7 @@ def check_progress(ctx: Context) -> ClauseResult:
 
 # ------------------------------------------------------------------ QP-DRAIN-ORDER
 
+@clause("QP-DRAIN-ORDER", "in a drain, each queue is emptied before the next one is served")
 def check_drain_order(ctx: Context) -> ClauseResult:
     """Rule (only when scenario.checks.drain): for each stage with QUEUE_PRIORITY, s = its first
     consumer on a priority queue; stages whose priority queues received a publish after s are skipped
@@ -427,13 +444,3 @@ def check_drain_order(ctx: Context) -> ClauseResult:
         res.exercised += f" ({skipped} stage(s) skipped: published to after start)"
     return res
 
-
-CHECKS = {
-    "QP-DECLARE": check_declare,
-    "QP-FIRST-PINNED": check_first_pinned,
-    "QP-ONE-LOWER": check_one_lower,
-    "QP-PRECEDENCE": check_precedence,
-    "QP-CANCEL-WINDOW": check_cancel_window,
-    "QP-PROGRESS": check_progress,
-    "QP-DRAIN-ORDER": check_drain_order,
-}

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from harness.checkers._common import Context, fault_family
 from harness.checkers.model import ClauseResult, Finding
+from harness.checkers.registry import clause
 from harness.messages import MULTI_TYPE_QUEUES, UNPARSEABLE
 
 RESULT_TYPES = ("MatchesMessage", "MetadataMessage", "StatusMessage", "ProblemMessage")
@@ -29,6 +30,7 @@ def _poisoned_queues(ctx: Context) -> set[str]:
     return {f.get("target") for f in ctx.history.of("fault") if fault_family(f.get("kind")) == "poison"}
 
 
+@clause("RT-ONE-TYPE", "each queue carries one message type")
 def check_one_type(ctx: Context) -> ClauseResult:
     """Rule: over every publish to the default exchange that reached an existing queue (other than
     os2ds_checkups, os2ds_results and server-named amq.* queues), the first message type seen on a
@@ -67,6 +69,7 @@ def check_one_type(ctx: Context) -> ClauseResult:
     return ClauseResult("RT-ONE-TYPE", _outcome(findings, n), f"{n} messages classified in {len(first)} queues", findings)
 
 
+@clause("RT-TENANT", "a client's conversions go to its full/delta queue; results carry its organisation")
 def check_tenant(ctx: Context) -> ClauseResult:
     """Rule: for every scan in scan_planned, each ConversionMessage of it must be published with the
     planned conversion_queue as routing key and carry the planned organisation; each result message
@@ -151,6 +154,7 @@ def routing(ctx: Context) -> Routing:
     return r
 
 
+@clause("RT-ROUTABLE", "no published message is dropped as unroutable")
 def check_routable(ctx: Context) -> ClauseResult:
     """Every unroutable publish (see ``routing``), reported once per (publisher, exchange, routing key)."""
     r = routing(ctx)
@@ -181,6 +185,7 @@ def check_routable(ctx: Context) -> ClauseResult:
     return ClauseResult("RT-ROUTABLE", _outcome(findings, r.judged), text, findings)
 
 
+@clause("RT-BROADCAST", "commands travel only on the broadcast exchange")
 def check_broadcast(ctx: Context) -> ClauseResult:
     """Rule: a CommandMessage published to any exchange other than ``broadcast``, or delivered from a
     queue that is not a server-named (amq.*) broadcast queue, is a violation."""
@@ -207,10 +212,3 @@ def check_broadcast(ctx: Context) -> ClauseResult:
                     ev.get("stage"), [q], ev["t"], ev["t"] + 0.5, [ev]))
     return ClauseResult("RT-BROADCAST", _outcome(findings, n), f"{n} command messages seen", findings)
 
-
-CHECKS = {
-    "RT-ONE-TYPE": check_one_type,
-    "RT-TENANT": check_tenant,
-    "RT-ROUTABLE": check_routable,
-    "RT-BROADCAST": check_broadcast,
-}

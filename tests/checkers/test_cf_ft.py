@@ -411,3 +411,51 @@ def test_reconnect_takes_the_exit_as_the_close_when_the_close_was_not_tied_to_th
     hb.ev(3.72, "connection_closed", conn="c0", stage="worker").consume(4.5, "worker", "q0")
     r = judge(hb.phase(30, "teardown").finish(30.5), "FT-RECONNECT")
     assert r.outcome == "passed" and "1 answered by a supervisor restart" in r.exercised, (r.exercised, r.findings)
+
+
+# ---------------------------------------------------------------- FT-BAD-COMMAND
+
+def bad_command(exit_at=None, deliver_until=40, work_until=45, late_result=None, supervisor=None):
+    # q0 holds work from 2 s until work_until; malformed broadcast messages at 10 s; abort of scan s1 at 11 s
+    hb = HB().stage(0, "worker").consume(1, "worker", "q0")
+    hb.levels(0, 45, {"q0": [(0, 0), (2, 40), (work_until, 0)], "q1": [(0, 0)], "q2": [(0, 0)]})
+    hb.fault(10, "bad_command", None).ev(11, "phase", name="scan_aborted", scan="s1", client="a")
+    t = 2.5
+    while t < deliver_until:
+        hb.deliver(t, "q0", "worker")
+        t += 1.0
+    if late_result is not None:
+        hb.publish(late_result, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1")
+    if exit_at:
+        hb.exit(exit_at, "worker", 6, supervisor=supervisor)
+    return hb.phase(45, "teardown").finish(45.5)
+
+
+def test_bad_command_passes_when_every_stage_keeps_serving():
+    r = judge(bad_command(), "FT-BAD-COMMAND")
+    assert r.outcome == "passed" and r.exercised == "1 stage(s) judged after 1 malformed-command fault(s)"
+
+
+def test_bad_command_fails_when_a_stage_exits_even_if_its_policy_restarts_it():
+    r = judge(bad_command(exit_at=10.5, supervisor="restarting"), "FT-BAD-COMMAND")
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation.startswith("Stage worker exited (code 6) at +10.5 s, 0.5 s after malformed "
+                                                "messages on the broadcast exchange")
+
+
+def test_bad_command_fails_when_a_stage_wedges():
+    r = judge(bad_command(deliver_until=11), "FT-BAD-COMMAND")
+    assert r.outcome == "failed" and "it is wedged or stalled" in r.findings[0].explanation
+
+
+def test_bad_command_fails_when_a_later_abort_does_not_take_effect():
+    assert judge(bad_command(late_result=16.0), "FT-BAD-COMMAND").outcome == "passed"  # within W of the abort
+    r = judge(bad_command(late_result=18.0), "FT-BAD-COMMAND")
+    assert r.outcome == "failed" and "the abort did not take effect" in r.findings[0].explanation
+
+
+def test_bad_command_not_exercised_without_the_fault_or_without_work_after_it():
+    assert judge(HB(), "FT-BAD-COMMAND").outcome == "not_exercised"
+    r = judge(bad_command(work_until=12, deliver_until=12), "FT-BAD-COMMAND")
+    assert r.outcome == "not_exercised" and "only 1.9 s of work in worker's queues after the malformed commands" \
+        in r.exercised

@@ -57,12 +57,15 @@ def test_the_timeline_marks_a_stages_own_exits_and_its_supervisor_restarts(tmp_p
 
 
 def test_a_checker_that_raises_costs_only_its_own_verdict(monkeypatch):
-    from harness import checkers
+    import dataclasses
+
+    from harness.checkers import registry
 
     def broken(ctx):
         raise KeyError("no such stage")
 
-    monkeypatch.setitem(checkers.HISTORY_CHECKS, "QP-PRECEDENCE", broken)
+    clause = registry.get("QP-PRECEDENCE")
+    monkeypatch.setitem(registry._REGISTRY, clause.id, dataclasses.replace(clause, check=broken))
     h = switch_history(13.0).history()
     res = {r.clause: r for r in check_all(h, scenario(), WINDOWS)}
     assert res["QP-PRECEDENCE"].errored and res["QP-PRECEDENCE"].outcome != "passed"
