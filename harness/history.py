@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 HISTORY_VERSION = 1
 
@@ -137,13 +137,23 @@ def make_event(type_: str, t: float | None = None, **fields: Any) -> dict[str, A
 
 
 class HistoryWriter:
-    """Thread-safe JSONL writer; also keeps the events in memory for the checkers."""
+    """Thread-safe JSONL writer; also keeps the events in memory for the checkers.
+
+    Listeners (``listen``) see every event as it is appended, in the order of the list, under the
+    writer's lock: a fold kept by a listener (the runner's ledger) never misses or reorders one.
+    A listener must be quick and must not record events itself."""
 
     def __init__(self, path: Path | None = None):
         self.path = path
         self.events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._file = open(path, "w", encoding="utf-8") if path else None
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def listen(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(event)`` for every event recorded from now on."""
+        with self._lock:
+            self._listeners.append(listener)
 
     def record(self, type_: str, t: float | None = None, **fields: Any) -> dict[str, Any]:
         event = make_event(type_, t, **fields)
@@ -152,6 +162,8 @@ class HistoryWriter:
             self.events.append(event)
             if self._file:
                 self._file.write(line + "\n")
+            for listener in self._listeners:
+                listener(event)
         return event
 
     def flush(self) -> None:

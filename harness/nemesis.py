@@ -1,4 +1,4 @@
-"""The nemesis: carries out a scenario's ``faults:`` at their time or trigger.
+"""The nemesis: carries out a scenario's ``faults:`` when the schedule says they are due.
 
 Each fault is recorded in the history as a ``fault`` event *before* it is
 applied, so checkers can judge the engine's behaviour around it (FT-*), and
@@ -19,7 +19,6 @@ from harness.flood import poison_body
 from harness.messages import encode_body
 from harness.faults import BAD_COMMAND_SHAPES
 from harness.scenario import Fault
-from harness.schedule import BrokerState, is_due
 
 
 CLOSE_DEADLINE = 15.0  # seconds to get a connection closed through the management API
@@ -42,9 +41,12 @@ class NemesisError(RuntimeError):
 
 
 class Nemesis:
-    def __init__(self, faults: list[Fault], broker: Broker, vhost: str, history: HistoryWriter,
-                 launcher, observer, say: Callable[[str], None]):
-        self.pending = list(enumerate(faults))
+    """Applies faults (``apply``); when they are due is the runner's schedule's business
+    (schedule.Schedule). What a fault does to the run's account (a deleted queue, an aborted scan)
+    is in the history it records, for the ledger to read."""
+
+    def __init__(self, broker: Broker, vhost: str, history: HistoryWriter, launcher, observer,
+                 say: Callable[[str], None], latest_scan: Callable[[str], object | None] = lambda client: None):
         self.broker = broker
         self.vhost = vhost
         self.history = history
@@ -54,13 +56,11 @@ class Nemesis:
         self.threads: list[threading.Thread] = []
         # Stage instances a fault stopped on purpose: their exit is no error.
         self.expected_exits: set[str] = set()
-        self.deleted_queues: dict[str, float] = {}  # queue -> when it was deleted (time.time())
         self.errors: list[str] = []  # from faults applied in the background
-        self.aborted_scans: set[str] = set()
         self._broker_restarting = False
         self._broker_back_at: float | None = None
-        # Set by the runner: the latest planned scan of a client (a workload.PlannedScan), or None.
-        self.latest_scan: Callable[[str], object | None] = lambda client: None
+        # The latest planned scan of a client (a workload.PlannedScan), or None: what abort_scan aborts.
+        self.latest_scan = latest_scan
 
     def _in_background(self, work: Callable[[], None], kind: str) -> None:
         """Faults that take time (a close the API must learn of, a pause, a restart) run off the
@@ -93,17 +93,10 @@ class Nemesis:
         """A fault is still being applied in the background."""
         return any(t.is_alive() for t in self.threads)
 
-    def tick(self, elapsed: float, state: BrokerState) -> list[str]:
-        """Apply the faults that are due (schedule.is_due); returns the names of those applied."""
+    def check(self) -> None:
+        """Raise the first error of a fault applied in the background."""
         if self.errors:
             raise NemesisError(self.errors[0])
-        applied = []
-        for index, fault in list(self.pending):
-            if is_due(fault.at, fault.when, elapsed, state):
-                self.pending.remove((index, fault))
-                self.apply(index, fault)
-                applied += [f"faults.{index}"] + ([fault.name] if fault.name else [])
-        return applied
 
     def apply(self, index: int, fault: Fault) -> None:
         self.history.record("fault", kind=fault.kind, target=fault.target, detail=f"faults.{index}",
@@ -120,7 +113,6 @@ class Nemesis:
 
     # -- the faults ----------------------------------------------------------
     def _delete_queue(self, fault: Fault) -> None:
-        self.deleted_queues[fault.target] = time.time()
         with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
             connection.channel().queue_delete(fault.target)
 
@@ -175,7 +167,6 @@ class Nemesis:
         scan = self.latest_scan(fault.target)
         if scan is None:
             raise NemesisError(f"abort_scan: client {fault.target!r} has no scan planned yet")
-        self.aborted_scans.add(scan.scan)
         self.history.record("phase", name="scan_aborted", scan=scan.scan, client=fault.target)
         command = {"abort": scan.spec["scan_tag"], "log_level": None, "profiling": None}
         properties = pika.BasicProperties(priority=10, delivery_mode=2, content_encoding="gzip")

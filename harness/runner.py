@@ -1,21 +1,22 @@
 """Runs one scenario end to end and returns its history and verdict.
 
 The order is DESIGN.md's data flow: observer first (so it sees every stage
-connect), then the stages, then the workload; when every planned object has
-a result (or the time limit passes) the stages are stopped, the history is
-closed and the checkers judge it. Everything that touches the network is
-here or below; the verdict is a pure function of the history.
+connect), then the stages, then the workload; one schedule says when each
+phase and fault is due. When the ledger (fed from the history as it is
+written) owes nothing more (or the time limit passes) the stages are
+stopped, the history is closed and the checkers judge it. Everything that
+touches the network is here or below; the verdict is a pure function of the
+history.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from harness.broker import Broker, BrokerError
 from harness.calibration import CalibrationError, Pace, calibrate, make_messages_for
@@ -23,16 +24,16 @@ from harness.checkers import CLAUSE_IDS, check_all
 from harness.checkers.model import ClauseResult, Windows
 from harness.flood import Flood, FloodError, progress_line
 from harness.history import HISTORY_VERSION, History, HistoryWriter
-from harness.messages import scan_id
+from harness.ledger import LiveLedger
 from harness.nemesis import Nemesis, NemesisError
 from harness.observer import BROKER_GONE_AFTER, Observer, ObserverError
-from harness.scenario import Phase, Restart, Scenario
-from harness.schedule import Happenings, HoldController, backlog_size, is_due, stage_matches
+from harness.phases import PhaseDriver
+from harness.scenario import Restart, Scenario
+from harness.schedule import Happenings, Item, Schedule, backlog_size, stage_matches
 from harness.stages import StageExited, StageLauncher, StageStartError
 from harness.workload import Workload
 
 Progress = Callable[[str], None]
-WORKLOAD_TYPES = ("ScanSpecMessage", "ConversionMessage")  # what the flood publishes
 
 
 class ScenarioRunError(Exception):
@@ -100,19 +101,15 @@ class ScenarioRun:
         self.data_dir = data_dir
         self.say = progress or (lambda text: None)
         self.history = HistoryWriter(report_dir / "history.jsonl")
-        self.expected: set[tuple[str, str]] = set()
-        self.queue_of: dict[tuple[str, str], str] = {}  # planned object -> its conversion queue
-        self.planned: list = []  # workload.PlannedScan, in publishing order
-        self._plan_lock = threading.Lock()  # holds plan scans on publisher threads
+        self.ledger = LiveLedger()  # what the run owes, folded from the history as it is written
+        self.history.listen(self.ledger)
+        self.schedule = Schedule.of(scenario.workload, scenario.faults)
         self.happenings = Happenings()  # named phases and faults that have happened (when: {after: ...})
-        self.holds: dict[int, HoldController] = {}
         self.backlog_objects: dict[int, int] = {}  # phase index -> objects (or specs) of a lasting backlog
-        self._phase_threads: dict[int, list[threading.Thread]] = {}
         self._observer: Observer | None = None
         self.problems: list[str] = []
-        self.publish_errors: list[BaseException] = []
-        self._publishers: list[threading.Thread] = []
         self.flood: Flood | None = None
+        self.phases: PhaseDriver | None = None
         self.nemesis: Nemesis | None = None
 
     # -- the run -----------------------------------------------------------
@@ -125,9 +122,8 @@ class ScenarioRun:
         observer = Observer(self.broker, self.vhost, self.history, scenario.queues)
         launcher = StageLauncher(self.engine.command, self.engine.env, self.broker, self.vhost,
                                  self.report_dir, self.history, observer, self.engine.restart, self.say)
-        nemesis = Nemesis(scenario.faults, self.broker, self.vhost, self.history, launcher, observer, self.say)
-        nemesis.latest_scan = lambda client: next(
-            (scan for scan in reversed(self.planned) if scan.client == client), None)
+        nemesis = Nemesis(self.broker, self.vhost, self.history, launcher, observer, self.say,
+                          latest_scan=lambda client: self.phases.latest.get(client) if self.phases else None)
         self.nemesis = nemesis
         reason = "error"
         try:
@@ -137,6 +133,9 @@ class ScenarioRun:
             self._observer = observer
             self.flood = Flood(self.broker.connection_parameters(self.vhost),
                                progress=lambda p: self.say(progress_line(p)))
+            self.phases = PhaseDriver(scenario, self.workload, self.flood, self.history, self.windows.W,
+                                      self.happenings, lambda grace: nemesis.broker_down_on_purpose(grace=grace),
+                                      self.say, self.backlog_objects)
             first = [s for s in scenario.stages if s.start == "immediately"]
             later = [s for s in scenario.stages if s.start == "after_workload"]
             if later:
@@ -197,48 +196,52 @@ class ScenarioRun:
         scenario = self.scenario
         started = time.monotonic()
         deadline = started + scenario.time_limit
-        pending = list(enumerate(scenario.workload))
         later_started = not later
         while True:
             now = time.monotonic()
             self._check_broker(observer)
             self._check_stages(launcher)
-            if self.publish_errors:
-                raise RunEnded("error", f"publishing the workload failed: {self.publish_errors[0]}")
-            for index, phase in list(pending):
-                if is_due(phase.at, phase.when, now - started, self):
-                    pending.remove((index, phase))
-                    self._launch_phase(index, phase)
-            self._tick_holds(observer)
-            self._note_finished_phases()
-            try:
-                for name in nemesis.tick(now - started, self):
-                    self.happenings.add(name)
-            except (NemesisError, KeyError) as exc:
-                raise RunEnded("error", f"a fault of the scenario could not be applied: {exc}") from None
-            flooding = bool(pending) or self._publishing()
+            if self.phases.errors:
+                raise RunEnded("error", f"publishing the workload failed: {self.phases.errors[0]}")
+            self._start_due(self.schedule.due(now - started, self), nemesis)
+            self.phases.tick(observer.ready, lambda: observer.samples)
+            flooding = self.schedule.waiting("workload") or self.phases.publishing()
             if not flooding and not later_started:
                 self.history.record("phase", name="flood_done")
                 self._wait_for_firehose(self.flood.totals.sent)
                 self._start_stages(launcher, observer, later)
                 later_started = True
-            answered = observer.answered()
-            with self._plan_lock:
-                done = len(answered & self.expected)
-            wanted = self._still_expected(answered, nemesis, observer)
-            if not flooding and later_started and not (nemesis.pending or nemesis.busy) and done >= wanted:
-                self.say(f"all {wanted} objects have a result")
+            done, owed = self.ledger.progress()
+            faulting = self.schedule.waiting("faults") or nemesis.busy
+            if not flooding and later_started and not faulting and owed == 0:
+                self.say(f"all {done} objects owed have a result")
                 self._settle(launcher)
                 return "complete"
             if now > deadline:
                 silent = self._silent_stages(observer, launcher)
-                self.say(f"time limit {scenario.time_limit:g} s reached with {done}/{wanted} results"
+                self.say(f"time limit {scenario.time_limit:g} s reached with {done}/{done + owed} results"
                          + (f"; silent: {', '.join(silent)}" if silent else ""))
                 if silent:
                     self.problems.append(f"time limit {scenario.time_limit:g} s reached; stage(s) with no "
                                          f"delivery in the last {self.windows.W:g} s: {', '.join(silent)}")
                 return "time_limit"
             time.sleep(0.05)
+
+    def _start_due(self, items: list[Item], nemesis: Nemesis) -> None:
+        """Start the phases and apply the faults the schedule says are due. A fault that cannot be
+        applied, now or in the background since the last turn, ends the run."""
+        for item in items:
+            if item.part == "workload":
+                self.phases.launch(item.index, item.spec)
+        try:
+            nemesis.check()
+            for item in items:
+                if item.part == "faults":
+                    nemesis.apply(item.index, item.spec)
+                    self.happenings.add(item.label)
+                    self.happenings.add(item.spec.name)
+        except (NemesisError, KeyError) as exc:
+            raise RunEnded("error", f"a fault of the scenario could not be applied: {exc}") from None
 
     # -- what triggers look at (schedule.BrokerState) ------------------------
     def ready(self, queue: str) -> int | None:
@@ -258,9 +261,7 @@ class ScenarioRun:
         flight would look as if it was published after the stage started (not a drain)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            recorded = sum(1 for e in self.history.events if e["type"] == "publish" and e.get("stage") == "harness"
-                           and (e.get("msg") or {}).get("type") in WORKLOAD_TYPES)  # not a fault's poison or abort
-            if recorded >= published:
+            if self.ledger.harness_publishes() >= published:  # workload messages, not a fault's poison or abort
                 return
             time.sleep(0.05)
         self.say(f"the firehose recorded fewer than {published} workload publishes within {timeout:g} s")
@@ -276,18 +277,6 @@ class ScenarioRun:
             if process.name not in heard and any((observer.ready(q) or 0) > 0 for q in queues):
                 silent.append(process.name)
         return sorted(silent)
-
-    def _still_expected(self, seen: set[tuple[str, str]], nemesis: Nemesis, observer: Observer) -> int:
-        """Objects that can still get a result: not those of an aborted scan, nor those still in a
-        queue when a fault deleted it (an object a stage took from it before that is still owed)."""
-        deleted, aborted = nemesis.deleted_queues, nemesis.aborted_scans
-        with self._plan_lock:
-            expected = list(self.expected)
-        if not deleted and not aborted:
-            return len(expected)
-        taken = {key for queue, t in deleted.items() for key in observer.delivered_before(queue, t)}
-        return sum(1 for key in expected if key in seen or (
-            key[0] not in aborted and (self.queue_of[key] not in deleted or key in taken)))
 
     def _settle(self, launcher: StageLauncher) -> None:
         # A short look after the last result, so duplicates and late cancels are seen. A stage its
@@ -321,116 +310,6 @@ class ScenarioRun:
             self.say(f"{stage.name} handles about {pace.rate:.1f} msg/s on {pace.queue}: workload.{index} gets "
                      f"{self.backlog_objects[index]} to last {seconds:g} s")
 
-    def _launch_phase(self, index: int, phase: Phase) -> None:
-        if phase.hold is not None:
-            queue = self.scenario.target_queue(phase)
-            self.holds[index] = hold = HoldController.for_hold(phase.hold, queue, time.monotonic(), self.windows.W)
-            self._phase_threads.setdefault(index, [])
-            self.history.record("hold", phase=f"workload.{index}", name=phase.name, state="started", queue=queue,
-                                depth=hold.depth, seconds=phase.hold.resolve(self.windows.W))
-            self.say(f"workload.{index}: holding {queue} at {hold.depth}+ ready for {phase.hold.describe()}")
-            return
-        if phase.lasting is not None:
-            count = self.backlog_objects[index]
-            planned = ([self.workload.plan_scan(index, 0, objects=count)] if phase.via == "conversions"
-                       else [self.workload.plan_scan(index, number) for number in range(count)])
-        else:
-            planned = self.workload.plan(index)
-        messages = self._register(planned)
-        self.history.record("phase", name=f"workload.{index}", client=phase.client, mode=phase.mode,
-                            messages=len(messages))
-        self.say(f"workload.{index}: {len(planned)} {phase.mode} scan(s) of {phase.client}, {len(messages)} message(s)")
-        self._start_publisher(index, lambda: self._publish(messages, phase.rate))
-
-    def _register(self, planned: list) -> list[tuple[str, Any]]:
-        """Record planned scans in the history and in what the run waits for; their messages in order."""
-        messages: list[tuple[str, Any]] = []
-        with self._plan_lock:
-            for scan in planned:
-                self.planned.append(scan)
-                self.history.record("scan_planned", **scan.as_event())
-                for obj in scan.objects:
-                    self.expected.add((scan.scan, obj))
-                    self.queue_of[(scan.scan, obj)] = scan.conversion_queue
-                messages += scan.messages
-        return messages
-
-    def _start_publisher(self, index: int, work: Callable[[], None]) -> None:
-        thread = threading.Thread(target=work, daemon=True, name=f"flood-{index}")
-        self._publishers.append(thread)
-        self._phase_threads.setdefault(index, []).append(thread)
-        thread.start()
-
-    def _tick_holds(self, observer: Observer) -> None:
-        for index, hold in self.holds.items():
-            count = hold.top_up(time.monotonic(), observer.ready(hold.queue), observer.samples)
-            if count:
-                self._start_publisher(index, lambda index=index, hold=hold, count=count:
-                                      self._top_up(index, hold, count, observer))
-
-    def _top_up(self, index: int, hold: HoldController, count: int, observer: Observer) -> None:
-        phase = self.scenario.workload[index]
-        first = hold.published  # scan numbers: one per message published so far, so never reused
-        try:
-            if phase.via == "conversions":
-                planned = [self.workload.plan_scan(index, first, objects=count)]
-            else:
-                planned = [self.workload.plan_scan(index, first + k) for k in range(count)]
-            self._publish(self._register(planned), None)
-        finally:
-            hold.confirmed(count, observer.samples)
-
-    def _note_finished_phases(self) -> None:
-        """Phases whose publishing is over: a hold past its end, every publisher thread done."""
-        for index, threads in self._phase_threads.items():
-            phase = self.scenario.workload[index]
-            hold = self.holds.get(index)
-            if f"workload.{index}" in self.happenings or (hold is not None and hold.active(time.monotonic())):
-                continue
-            if not any(t.is_alive() for t in threads):
-                self.happenings.add(f"workload.{index}")
-                self.happenings.add(phase.name)
-                if hold is not None:
-                    self.history.record("hold", phase=f"workload.{index}", name=phase.name, state="ended",
-                                        **hold.summary())
-
-    def _publishing(self) -> bool:
-        now = time.monotonic()
-        return any(t.is_alive() for t in self._publishers) or any(h.active(now) for h in self.holds.values())
-
-    def _publish(self, messages: list[tuple[str, Any]], rate: float | None) -> None:
-        """Publish in order. A connection lost to a restart_broker fault is the harness's own doing:
-        like the admin, wait for the broker and send again what it had not confirmed (recorded, so
-        that DL-EXACTLY-ONCE can tell these scans' duplicates from the engine's). Any other failure
-        ends the run."""
-        remaining = list(messages)
-        while True:
-            try:
-                # Unroutable messages are the engine's or the configuration's fault, judged by RT-ROUTABLE.
-                self.flood.publish_many(remaining, rate=rate, allow_unroutable=True)
-                return
-            except BaseException as exc:  # reported by the driving loop
-                stats = getattr(exc, "flood_stats", None)
-                if stats is None or not self._wait_out_planned_restart():
-                    self.publish_errors.append(exc)
-                    return
-                # Confirms come in order for these queues; what was sent after the last one may or may
-                # not have reached the broker, so it is sent again.
-                remaining = remaining[stats.confirmed:]
-                self.history.record("phase", name="publish_resumed", error=f"{type(exc).__name__}: {exc}",
-                                    resent=len(remaining), scans=_scans_of(remaining))
-
-    def _wait_out_planned_restart(self) -> bool:
-        """True once the broker is back after a restart_broker fault that was under way; False at
-        once when no planned restart explains the failure (or the broker does not come back)."""
-        nemesis = self.nemesis
-        if nemesis is None or not nemesis.broker_down_on_purpose(grace=BROKER_GONE_AFTER):
-            return False
-        deadline = time.monotonic() + BROKER_GONE_AFTER + 60
-        while nemesis.broker_down_on_purpose(grace=0) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return time.monotonic() < deadline
-
     def _check_broker(self, observer: Observer) -> None:
         # Before the stages: a stage that exits because the broker died must not take the blame.
         if self.nemesis is not None and self.nemesis.broker_down_on_purpose(grace=BROKER_GONE_AFTER):
@@ -443,13 +322,6 @@ class ScenarioRun:
         exits = launcher.poll()
         if exits:
             raise RunEnded("stage_exited", str(StageExited.from_exits(exits)))
-
-
-def _scans_of(messages: list[tuple[str, Any]]) -> list[str]:
-    """The scans (ids) the messages belong to: a scan spec's own tag, a conversion's spec's tag."""
-    tags = (body.get("scan_tag") or (body.get("scan_spec") or {}).get("scan_tag")
-            for _, body in messages if isinstance(body, dict))
-    return sorted({sid for sid in map(scan_id, tags) if sid})
 
 
 def prepare_report_dir(root: Path, test_id: str) -> Path:

@@ -230,8 +230,9 @@ class Hold(Duration):
 class Phase(Strict):
     """Part of the workload: scans of one client, published when due.
 
-    A phase is due ``at`` seconds after the stages consume, once its ``when`` trigger holds (both,
-    when both are given). What it publishes is one of:
+    A phase is due once ``at`` seconds have passed since the stages consume AND its ``when`` trigger
+    holds (schedule.is_due, the one rule for phases and faults): ``at`` means "not before", never a
+    delay counted from the trigger. What it publishes is one of:
     - ``scans`` scans of ``objects`` objects each (fixed counts);
     - a backlog ``lasting`` a given time at the measured pace of the stage that drains it (its
       stage starts after the workload; the harness measures that stage's pace first);

@@ -1,10 +1,12 @@
 """When workload phases and faults happen, and how a hold keeps a queue filled.
 
-One rule decides for phases and faults alike: an item is due once ``at``
-seconds have passed since the stages consumed AND its ``when`` trigger holds
-(every condition of it, on the broker state the observer sees). A scenario
-therefore describes situations ("while the worker consumes the bottom
-queue"), not timings tuned for one engine's pace.
+One schedule (``Schedule``) holds the scenario's phases and faults, and one
+rule (``is_due``) decides for both: an item is due once ``at`` seconds have
+passed since the stages consumed AND its ``when`` trigger holds (every
+condition of it, on the broker state the observer sees). ``at`` is not a
+delay after the trigger: with both given, the item waits for the later of the
+two. A scenario therefore describes situations ("while the worker consumes
+the bottom queue"), not timings tuned for one engine's pace.
 
 ``HoldController`` is the closed loop behind ``hold:``: from the ready counts
 the observer samples it decides how much to publish so that the queue never
@@ -17,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from harness.scenario import Hold, Trigger
+from harness.scenario import Fault, Hold, Phase, Trigger
 
 # A hold never publishes more than this in one top-up, nor keeps more than this many messages queued.
 MAX_TARGET = 5000
@@ -50,6 +52,43 @@ def trigger_holds(trigger: Trigger | None, state: BrokerState) -> bool:
 def is_due(at: float, when: Trigger | None, elapsed: float, state: BrokerState) -> bool:
     """The one rule for phases and faults: the time has come AND the trigger holds."""
     return elapsed >= at and trigger_holds(when, state)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One scheduled thing: ``workload.N`` (a Phase) or ``faults.N`` (a Fault)."""
+
+    part: str  # 'workload' or 'faults'
+    index: int
+    spec: Phase | Fault
+
+    @property
+    def label(self) -> str:
+        return f"{self.part}.{self.index}"
+
+
+@dataclass
+class Schedule:
+    """The phases and faults not yet due, in scenario order; ``due`` takes out those that are."""
+
+    pending: list[Item]
+
+    @classmethod
+    def of(cls, phases: list[Phase], faults: list[Fault]) -> "Schedule":
+        return cls([Item("workload", i, p) for i, p in enumerate(phases)]
+                   + [Item("faults", i, f) for i, f in enumerate(faults)])
+
+    def due(self, elapsed: float, state: BrokerState) -> list[Item]:
+        """The items due now (``is_due``), phases first, removed from the schedule."""
+        now, later = [], []
+        for item in self.pending:
+            (now if is_due(item.spec.at, item.spec.when, elapsed, state) else later).append(item)
+        self.pending = later
+        return now
+
+    def waiting(self, part: str) -> bool:
+        """Some phase ('workload') or fault ('faults') is not due yet."""
+        return any(item.part == part for item in self.pending)
 
 
 def stage_matches(wanted: str, instance: str | None) -> bool:

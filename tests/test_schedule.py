@@ -84,3 +84,19 @@ def test_a_hold_ends_on_time_and_caps_its_target():
                                                            (0.1, 1.0, 1, 10), (1e6, 60.0, 1, 50_000)])
 def test_a_backlog_lasts_its_time_at_the_measured_pace(rate, seconds, replicas, objects):
     assert backlog_size(rate, seconds, replicas) == objects
+
+
+def test_one_schedule_holds_phases_and_faults_under_the_same_rule():
+    from harness.scenario import Fault, Phase
+    from harness.schedule import Schedule
+
+    when = Trigger(stage="worker", consuming="bottom")
+    schedule = Schedule.of([Phase(client="c", at=1.0), Phase(client="c", when=when)],
+                           [Fault(kind="delete_queue", target="bottom", at=2.0, when=when)])
+    idle, busy = State(), State(consumers={"worker": {"bottom"}})
+    assert [i.label for i in schedule.due(1.0, idle)] == ["workload.0"]
+    assert schedule.waiting("workload") and schedule.waiting("faults")
+    assert [i.label for i in schedule.due(1.5, busy)] == ["workload.1"]  # the fault waits for its time too
+    assert not schedule.waiting("workload")
+    assert schedule.due(5.0, idle) == []                                  # ... and for its trigger
+    assert [i.label for i in schedule.due(5.0, busy)] == ["faults.0"] and schedule.pending == []

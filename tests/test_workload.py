@@ -307,7 +307,7 @@ def test_same_seed_same_workload_across_processes(tmp_path):
 
 
 def test_the_scans_of_messages_the_runner_publishes_again():
-    from harness.runner import _scans_of
+    from harness.phases import _scans_of
     spec = {"scan_tag": {"scanner": {"pk": 7}, "time": "2026-01-05T07:00:00+00:00"}}
     conversion = {"scan_spec": spec, "handle": {}}
     assert _scans_of([("q", spec), ("q", conversion), ("q", b"raw")]) == ["7@2026-01-05T07:00:00+00:00"]

@@ -310,10 +310,10 @@ def check_reconnect(ctx: Context) -> ClauseResult:
     reconnect; every exit before S consumes again must be one); (b) S creates a consumer again
     within G of the close, or of its last supervisor restart (not judged when the run ends first);
     (c) it holds a consumer on its first queue within W of that first new consumer; (d) no planned
-    object is lost (DL-EXACTLY-ONCE's tally; duplicates allowed). A close counts as judged only when S's
-    queues held ready work for 2W in all after it (after the supervisor restart, when one answered an
-    exit), and not when the run ended within G of it before S consumed again; a finding fails the
-    clause either way."""
+    object is lost (nothing is still owed in the run's ledger, as DL-EXACTLY-ONCE reads it;
+    duplicates allowed). A close counts as judged only when S's queues held ready work for 2W in all
+    after it (after the supervisor restart, when one answered an exit), and not when the run ended
+    within G of it before S consumed again; a finding fails the clause either way."""
     faults = [f for f in _faults(ctx, "reconnect") if f["t"] < ctx.teardown]
     if not faults:
         return ClauseResult("FT-RECONNECT", "not_exercised", "0 connection closes")
@@ -348,11 +348,11 @@ def check_reconnect(ctx: Context) -> ClauseResult:
     if judged == 0 and not findings and not unjudged:
         return ClauseResult("FT-RECONNECT", "not_exercised",
                             f"{len(faults)} connection-close faults, the broker closed no stage connection")
-    t = tally(ctx)
-    lost = t.lost
+    ledger = tally(ctx)  # the run's ledger (harness/ledger.py), shared with DL-EXACTLY-ONCE
+    lost = ledger.lost
     if lost:
         findings.append(Finding("FT-RECONNECT",
-                                f"{len(lost)} of {len(t.expected)} objects were lost across the reconnect: {_ex(lost)}.",
+                                f"{len(lost)} of {len(ledger.expected)} objects were lost across the reconnect: {_ex(lost)}.",
                                 None, [], None, None, [{"lost": [list(k) for k in lost[:50]]}]))
     exercised = f"{judged} connection closes judged" + (f" ({supervised} answered by a supervisor restart)"
                                                            if supervised else "")

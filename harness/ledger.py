@@ -1,0 +1,269 @@
+"""The ledger: what a run owes, answered, dropped and aborted, folded from history events.
+
+One account for the runner (is the run complete?) and for the checkers (DL-EXACTLY-ONCE, and
+FT-RECONNECT's losses). ``Ledger.add`` takes one history event at a time; every answer is a
+function of the events added, whatever their order, so the runner can feed it as events are
+appended (``LiveLedger``, a ``HistoryWriter`` listener) and a checker from a saved history
+(``Ledger.of``), and both reach the same account.
+
+- **expected**: every object of every ``scan_planned`` event, keyed ``(scan, object)`` with the
+  object's path relative (a leading ``/`` dropped).
+- **answered**: an object's results are MatchesMessages routed to ``os2ds_matches``, its problems
+  ProblemMessages naming it routed to ``os2ds_problems``. Two witnesses see them: the tracer's
+  publishes and the observer's reads of the output queues (``output`` events, not counting what
+  the broker handed out again after a restart). Each can miss some (a broker restart loses the
+  tracer's backlog; an output queue may not be read), so an object counts the larger number.
+- **dropped with a deleted queue** (``gone``): objects whose conversion was published to a queue a
+  queue-deletion fault deleted and not delivered from it before the deletion (the broker's
+  ``queue_deleted`` from 1 s before the fault on, else the fault). One a stage took is still owed.
+- **dropped unroutable**: objects whose conversion no queue received. RT-ROUTABLE decides which
+  publishes those are (``mark_unroutable``); the ledger only excuses them.
+- **aborted**: scans the admin aborted (``phase`` events named ``scan_aborted``).
+- **owed**: expected, neither answered nor excused by the three above. A run is complete when
+  nothing is owed; an object still owed at the end is lost.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any, Iterable
+
+RESULT_QUEUE = "os2ds_matches"
+PROBLEM_QUEUE = "os2ds_problems"
+WORKLOAD_TYPES = ("ScanSpecMessage", "ConversionMessage")  # what the harness's flood publishes
+# A queue_deleted stamped this long before the deletion fault still is that deletion (the broker's
+# event and the fault are stamped by two threads).
+DELETED_BEFORE_FAULT = 1.0
+
+Key = tuple[Any, Any]
+
+
+def object_key(scan: Any, path: Any) -> Key:
+    return scan, path.lstrip("/") if isinstance(path, str) else path
+
+
+def _answer_kind(queue: Any, msg: dict) -> str | None:
+    """'results' or 'problems' when a message in ``queue`` answers an object, else None."""
+    if msg.get("scan") is None:
+        return None
+    if queue == RESULT_QUEUE and msg.get("type") == "MatchesMessage":
+        return "results"
+    if queue == PROBLEM_QUEUE and msg.get("type") == "ProblemMessage" and msg.get("object"):
+        return "problems"
+    return None
+
+
+def _deletes_queue(kind: Any) -> bool:
+    # Imported here: harness.checkers imports this module (DL-EXACTLY-ONCE reads the ledger).
+    from harness.checkers._common import fault_family
+    return fault_family(kind) == "queue_gone"
+
+
+class Ledger:
+    """The account of one run, folded from its history events (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.expected: set[Key] = set()
+        self.scans = 0
+        self.results: Counter = Counter()   # key -> MatchesMessages (the larger of the two witnesses)
+        self.problems: Counter = Counter()  # key -> ProblemMessages naming the object
+        self._seen = {"published": {"results": Counter(), "problems": Counter()},
+                      "read": {"results": Counter(), "problems": Counter()}}
+        self._witnesses: set[str] = set()  # 'published', 'read': which witness saw output traffic
+        self.aborted: set[str] = set()
+        self.redelivered: set[Key] = set()  # objects (or (scan, None) for a spec) handed out again
+        self.unroutable: set[Key] = set()
+        self.harness_publishes = 0  # workload messages the tracer saw the harness publish
+        self._unanswered: set[Key] = set()
+        self._deletion_faults: dict[str, float] = {}  # queue -> first deletion fault
+        self._deleted_seen: dict[str, list[float]] = {}  # queue -> its queue_deleted times
+        self._published_to: dict[str, set[Key]] = {}  # queue -> conversions published to it
+        self._first_taken: dict[tuple[str, Key], float] = {}  # (queue, key) -> first delivery from it
+        self._version = 0
+        self._cache: tuple[int, set[Key]] | None = None
+
+    @classmethod
+    def of(cls, events: Iterable[dict], unroutable: Iterable[dict] = ()) -> "Ledger":
+        """The ledger of a whole history; ``unroutable``: the publishes RT-ROUTABLE found no queue for."""
+        ledger = cls()
+        for event in events:
+            ledger.add(event)
+        for event in unroutable:
+            ledger.mark_unroutable(event)
+        return ledger
+
+    # -- the fold --------------------------------------------------------------
+    def add(self, event: dict) -> None:
+        handler = getattr(self, f"_on_{event.get('type')}", None)
+        if handler is not None:
+            handler(event)
+
+    def mark_unroutable(self, publish: dict) -> None:
+        msg = publish.get("msg") or {}
+        if msg.get("type") == "ConversionMessage":
+            self.unroutable.add(object_key(msg.get("scan"), msg.get("object")))
+            self._version += 1
+
+    def _on_scan_planned(self, e: dict) -> None:
+        self.scans += 1
+        for path in e.get("objects") or ():
+            key = object_key(e.get("scan"), path)
+            self.expected.add(key)
+            if not self.answered(key):
+                self._unanswered.add(key)
+        self._version += 1
+
+    def _on_publish(self, e: dict) -> None:
+        msg = e.get("msg") or {}
+        if e.get("stage") == "harness" and msg.get("type") in WORKLOAD_TYPES:
+            self.harness_publishes += 1
+        if msg.get("type") == "ConversionMessage":
+            self._published_to.setdefault(e.get("routing_key"), set()).add(object_key(msg.get("scan"), msg.get("object")))
+            self._version += e.get("routing_key") in self._deletion_faults
+        if e.get("exchange", "") == "" and e.get("routing_key") in (RESULT_QUEUE, PROBLEM_QUEUE):
+            self._witness("published", e.get("routing_key"), msg)
+
+    def _on_output(self, e: dict) -> None:
+        if e.get("queue") in (RESULT_QUEUE, PROBLEM_QUEUE) and not e.get("redelivered"):
+            self._witness("read", e.get("queue"), e.get("msg") or {})
+
+    def _witness(self, witness: str, queue: str, msg: dict) -> None:
+        self._witnesses.add(witness)
+        kind = _answer_kind(queue, msg)
+        if kind is None:
+            return
+        key = object_key(msg.get("scan"), msg.get("object"))
+        seen = self._seen[witness][kind]
+        seen[key] += 1
+        total = self.results if kind == "results" else self.problems
+        if seen[key] > total[key]:
+            total[key] = seen[key]
+            self._unanswered.discard(key)
+            self._version += 1
+
+    def _on_deliver(self, e: dict) -> None:
+        msg = e.get("msg") or {}
+        if msg.get("type") == "ConversionMessage":
+            key = object_key(msg.get("scan"), msg.get("object"))
+            where = (e.get("queue"), key)
+            if where not in self._first_taken or e["t"] < self._first_taken[where]:
+                self._first_taken[where] = e["t"]
+                self._version += e.get("queue") in self._deletion_faults
+            if e.get("redelivered"):
+                self.redelivered.add(key)
+        elif msg.get("type") == "ScanSpecMessage" and e.get("redelivered"):
+            self.redelivered.add((msg.get("scan"), None))
+
+    def _on_fault(self, e: dict) -> None:
+        if _deletes_queue(e.get("kind")):
+            queue = e.get("target")
+            self._deletion_faults[queue] = min(e["t"], self._deletion_faults.get(queue, e["t"]))
+            self._version += 1
+
+    def _on_queue_deleted(self, e: dict) -> None:
+        self._deleted_seen.setdefault(e.get("queue"), []).append(e["t"])
+        self._version += 1
+
+    def _on_phase(self, e: dict) -> None:
+        if e.get("name") == "scan_aborted":
+            self.aborted.add(e.get("scan"))
+            self._version += 1
+        elif e.get("name") == "publish_resumed":  # the harness sent these scans' messages again
+            self.redelivered.update((scan, None) for scan in e.get("scans") or ())
+
+    # -- the answers -----------------------------------------------------------
+    def answered(self, key: Key) -> bool:
+        return bool(self.results.get(key) or self.problems.get(key))
+
+    @property
+    def source(self) -> str:
+        """Which witnesses saw the output queues' traffic, for the report."""
+        names = {"published": "published", "read": "read from output queues"}
+        return " and ".join(names[w] for w in ("published", "read") if w in self._witnesses) or "none"
+
+    def deleted_at(self) -> dict[str, float]:
+        """Queue -> when a deletion fault deleted it: the broker's queue_deleted, else the fault."""
+        out = {}
+        for queue, fault_t in self._deletion_faults.items():
+            seen = [t for t in self._deleted_seen.get(queue, ()) if t >= fault_t - DELETED_BEFORE_FAULT]
+            out[queue] = min(seen) if seen else fault_t
+        return out
+
+    @property
+    def gone(self) -> set[Key]:
+        """Objects whose conversion was still in a queue when a deletion fault deleted it."""
+        deleted = self.deleted_at()
+        if not deleted:
+            return set()
+        taken = {key for (queue, key), t in self._first_taken.items() if queue in deleted and t < deleted[queue]}
+        published = set().union(*(self._published_to.get(queue, set()) for queue in deleted))
+        return published - taken
+
+    def _owed(self) -> set[Key]:
+        if self._cache is None or self._cache[0] != self._version:
+            excused = self.gone | self.unroutable if self._deletion_faults or self.unroutable else set()
+            owed = {k for k in self._unanswered if k not in excused and k[0] not in self.aborted}
+            self._cache = (self._version, owed)
+        return self._cache[1]
+
+    def owed(self) -> int:
+        """Objects still owed a result (the runner waits for 0)."""
+        if not (self.aborted or self._deletion_faults or self.unroutable):
+            return len(self._unanswered)  # nothing excused: no set to build on the runner's loop
+        return len(self._owed())
+
+    def answered_count(self) -> int:
+        """Expected objects with a result or a problem."""
+        return len(self.expected) - len(self._unanswered)
+
+    @property
+    def lost(self) -> list[Key]:
+        """What is owed once the run is over."""
+        return sorted(self._owed())
+
+    @property
+    def dropped_by_fault(self) -> list[Key]:
+        return sorted(k for k in self.gone if not self.answered(k))
+
+    @property
+    def dropped_unroutable(self) -> list[Key]:
+        return sorted(k for k in self.unroutable if not self.answered(k))
+
+    @property
+    def duplicated(self) -> dict[Key, int]:
+        return {k: n for k, n in sorted(self.results.items()) if n > 1}
+
+    def after_redelivery(self, key: Key) -> bool:
+        """A duplicate a redelivery explains: its conversion, or its scan's spec, was delivered again
+        (or the harness published the scan's messages again after a planned broker restart)."""
+        return key in self.redelivered or (key[0], None) in self.redelivered
+
+    @property
+    def unexpected(self) -> list[Key]:
+        return sorted(k for k in self.results if k not in self.expected)
+
+    @property
+    def as_problem(self) -> list[Key]:
+        return sorted(k for k in self.expected if not self.results.get(k) and self.problems.get(k))
+
+
+class LiveLedger:
+    """A ledger fed as the history is written (a ``HistoryWriter`` listener: events are folded in
+    the order they are appended, under the writer's lock) and read from the runner's thread."""
+
+    def __init__(self) -> None:
+        self._ledger = Ledger()
+        self._lock = threading.Lock()
+
+    def __call__(self, event: dict) -> None:
+        with self._lock:
+            self._ledger.add(event)
+
+    def progress(self) -> tuple[int, int]:
+        """(objects answered, objects still owed)."""
+        with self._lock:
+            return self._ledger.answered_count(), self._ledger.owed()
+
+    def harness_publishes(self) -> int:
+        with self._lock:
+            return self._ledger.harness_publishes

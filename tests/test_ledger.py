@@ -1,0 +1,144 @@
+"""The ledger without a broker: hand-built event lists, folded in time order and out of it."""
+from __future__ import annotations
+
+import random
+
+from harness.history import HistoryWriter, make_event
+from harness.ledger import Ledger, LiveLedger
+
+T0 = 1_000_000.0
+
+
+def ev(t, type_, **fields):
+    return make_event(type_, T0 + t, **fields)
+
+
+def plan(t, scan, objects, queue="conv", client="c"):
+    return ev(t, "scan_planned", scan=scan, client=client, org="o", mode="full", explorer_queue="spec",
+              conversion_queue=queue, objects=list(objects), via="conversions")
+
+
+def msg(type_, scan, obj=None):
+    return {"type": type_, "scan": scan, "org": "o", **({"object": obj} if obj is not None else {})}
+
+
+def result(t, scan, obj, witness="published"):
+    m = msg("MatchesMessage", scan, "/" + obj)  # engines name the handle's path with a leading slash
+    if witness == "published":
+        return ev(t, "publish", exchange="", routing_key="os2ds_matches", stage="worker", routed=[], msg=m)
+    return ev(t, "output", queue="os2ds_matches", msg=m, redelivered=False)
+
+
+def problem(t, scan, obj):
+    return ev(t, "publish", exchange="", routing_key="os2ds_problems", stage="worker", routed=[],
+              msg={**msg("ProblemMessage", scan, obj), "message": "cannot read"})
+
+
+def conversion(t, scan, obj, queue="conv", stage="harness"):
+    return ev(t, "publish", exchange="", routing_key=queue, stage=stage, routed=[queue],
+              msg=msg("ConversionMessage", scan, obj))
+
+
+def deliver(t, scan, obj, queue="conv", redelivered=False):
+    return ev(t, "deliver", queue=queue, stage="worker", redelivered=redelivered,
+              msg=msg("ConversionMessage", scan, obj))
+
+
+def test_an_object_is_owed_until_either_witness_sees_its_result():
+    ledger = Ledger.of([plan(0, "s", ["a", "b", "c"]), result(1, "s", "a"), result(2, "s", "b", witness="read")])
+    assert ledger.owed() == 1 and ledger.answered_count() == 2
+    assert ledger.lost == [("s", "c")]
+    ledger.add(problem(3, "s", "c"))
+    assert ledger.owed() == 0 and ledger.as_problem == [("s", "c")]
+
+
+def test_the_larger_count_of_the_two_witnesses_counts_not_their_sum():
+    ledger = Ledger.of([plan(0, "s", ["a"]), result(1, "s", "a"), result(1.1, "s", "a", witness="read"),
+                        result(2, "s", "a", witness="read")])
+    assert ledger.results[("s", "a")] == 2 and ledger.duplicated == {("s", "a"): 2}
+    assert ledger.source == "published and read from output queues"
+
+
+def test_results_outside_the_result_queue_or_for_no_plan_are_not_answers():
+    wrong_queue = ev(1, "publish", exchange="", routing_key="os2ds_metadata", stage="worker", routed=[],
+                     msg=msg("MatchesMessage", "s", "a"))
+    stranger = result(2, "s", "zzz")
+    ledger = Ledger.of([plan(0, "s", ["a"]), wrong_queue, stranger])
+    assert ledger.lost == [("s", "a")] and ledger.unexpected == [("s", "zzz")]
+
+
+def test_an_aborted_scan_owes_nothing_more():
+    ledger = Ledger.of([plan(0, "s", ["a", "b"]), plan(0, "t", ["x"]), result(1, "s", "a"),
+                        ev(2, "phase", name="scan_aborted", scan="s", client="c")])
+    assert ledger.owed() == 1 and ledger.lost == [("t", "x")] and ledger.aborted == {"s"}
+
+
+def test_a_deleted_queue_drops_what_it_held_but_not_what_a_stage_took_before():
+    events = [plan(0, "s", ["a", "b", "c"], queue="low"), conversion(1, "s", "a", "low"),
+              conversion(1, "s", "b", "low"), conversion(1, "s", "c", "low"),
+              deliver(2, "s", "a", "low"),
+              ev(5, "fault", kind="delete_queue", target="low", detail="faults.0", params={}, name=None),
+              deliver(5.5, "s", "b", "low"),  # taken after the request, before the broker deleted the queue
+              ev(6, "queue_deleted", queue="low")]
+    ledger = Ledger.of(events)
+    # the broker's queue_deleted (6), not the request (5), is when the queue went: a and b are owed
+    assert ledger.deleted_at() == {"low": T0 + 6}
+    assert ledger.dropped_by_fault == [("s", "c")]
+    assert ledger.lost == [("s", "a"), ("s", "b")]
+
+
+def test_without_the_brokers_event_the_fault_marks_the_deletion():
+    events = [plan(0, "s", ["a", "b"], queue="low"), conversion(1, "s", "a", "low"), conversion(1, "s", "b", "low"),
+              deliver(2, "s", "a", "low"),
+              ev(5, "fault", kind="delete_queue", target="low", detail="faults.0", params={}, name=None),
+              deliver(5.5, "s", "b", "low")]
+    assert Ledger.of(events).lost == [("s", "a")]
+
+
+def test_unroutable_conversions_are_excused_once_marked():
+    lost_publish = conversion(1, "s", "b", "nowhere", stage="explorer")
+    ledger = Ledger.of([plan(0, "s", ["a", "b"]), lost_publish, result(2, "s", "a")])
+    assert ledger.lost == [("s", "b")]
+    ledger.mark_unroutable(lost_publish)
+    assert ledger.owed() == 0 and ledger.dropped_unroutable == [("s", "b")]
+
+
+def test_redeliveries_explain_duplicates():
+    events = [plan(0, "s", ["a", "b"]), deliver(1, "s", "a", redelivered=True),
+              ev(1, "deliver", queue="spec", stage="explorer", redelivered=True, msg=msg("ScanSpecMessage", "t")),
+              ev(2, "phase", name="publish_resumed", scans=["u"], resent=3, error="x")]
+    ledger = Ledger.of(events)
+    assert ledger.after_redelivery(("s", "a")) and not ledger.after_redelivery(("s", "b"))
+    assert ledger.after_redelivery(("t", "x")) and ledger.after_redelivery(("u", "y"))
+
+
+def test_the_account_does_not_depend_on_the_order_events_arrive_in():
+    events = [plan(0, "s", ["a", "b", "c", "d"], queue="low"), plan(0.5, "t", ["x"]),
+              *(conversion(1, "s", o, "low") for o in "abcd"), deliver(2, "s", "a", "low"),
+              result(3, "s", "a"), result(3.2, "s", "a", witness="read"), problem(3.5, "s", "b"),
+              ev(4, "fault", kind="delete_queue", target="low", detail="faults.0", params={}, name=None),
+              ev(4.2, "queue_deleted", queue="low"), deliver(4.1, "s", "c", "low"),
+              ev(5, "phase", name="scan_aborted", scan="t", client="c")]
+    expected = Ledger.of(events)
+    for seed in range(20):
+        shuffled = list(events)
+        random.Random(seed).shuffle(shuffled)
+        ledger = Ledger.of(shuffled)
+        assert (ledger.lost, ledger.owed(), ledger.dropped_by_fault, ledger.as_problem) == \
+            (expected.lost, expected.owed(), expected.dropped_by_fault, expected.as_problem)
+    assert expected.lost == [("s", "c")] and expected.dropped_by_fault == [("s", "d")]
+
+
+def test_the_live_ledger_follows_the_writer_as_events_are_recorded():
+    history = HistoryWriter()
+    live = LiveLedger()
+    history.listen(live)
+    history.record("scan_planned", scan="s", client="c", org="o", mode="full", explorer_queue="spec",
+                   conversion_queue="conv", objects=["a", "b"], via="conversions")
+    history.record("publish", exchange="", routing_key="conv", stage="harness", routed=["conv"],
+                   msg=msg("ConversionMessage", "s", "a"))
+    history.record("publish", exchange="", routing_key="os2ds_matches", stage="worker", routed=[],
+                   msg=msg("MatchesMessage", "s", "/a"))
+    assert live.progress() == (1, 1) and live.harness_publishes() == 1
+    history.record("output", queue="os2ds_matches", msg=msg("MatchesMessage", "s", "/b"), redelivered=False)
+    assert live.progress() == (2, 0)
