@@ -10,9 +10,13 @@ appended (``LiveLedger``, a ``HistoryWriter`` listener) and a checker from a sav
   object's path relative (a leading ``/`` dropped).
 - **answered**: an object's results are MatchesMessages routed to ``os2ds_matches``, its problems
   ProblemMessages naming it routed to ``os2ds_problems``. Two witnesses see them: the tracer's
-  publishes and the observer's reads of the output queues (``output`` events, not counting what
-  the broker handed out again after a restart). Each can miss some (a broker restart loses the
-  tracer's backlog; an output queue may not be read), so an object counts the larger number.
+  publishes and the observer's reads of the output queues (``output`` events). Each can miss
+  some (a broker restart loses the tracer's backlog; an output queue may not be read), so an
+  object counts the larger number. Reads are counted per connection of the observer (between its
+  ``observer_reconnected`` phases), taking the largest count: after a reconnect the broker hands
+  out again what the observer read but could not ack, and after a node crash it does so without
+  the redelivered flag (and sets the flag on messages the observer never received), so the flag
+  cannot tell a repeat from a first read.
 - **dropped with a deleted queue** (``gone``): objects whose conversion was published to a queue a
   queue-deletion fault deleted and not delivered from it before the deletion (the broker's
   ``queue_deleted`` from 1 s before the fault on, else the fault). One a stage took is still owed.
@@ -24,6 +28,7 @@ appended (``LiveLedger``, a ``HistoryWriter`` listener) and a checker from a sav
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import Counter
 from typing import Any, Iterable
@@ -67,8 +72,7 @@ class Ledger:
         self.scans = 0
         self.results: Counter = Counter()   # key -> MatchesMessages (the larger of the two witnesses)
         self.problems: Counter = Counter()  # key -> ProblemMessages naming the object
-        self._seen = {"published": {"results": Counter(), "problems": Counter()},
-                      "read": {"results": Counter(), "problems": Counter()}}
+        self._seen = {"published": {"results": Counter(), "problems": Counter()}}
         self._witnesses: set[str] = set()  # 'published', 'read': which witness saw output traffic
         self.aborted: set[str] = set()
         self.redelivered: set[Key] = set()  # objects (or (scan, None) for a spec) handed out again
@@ -81,6 +85,10 @@ class Ledger:
         self._first_taken: dict[tuple[str, Key], float] = {}  # (queue, key) -> first delivery from it
         self._version = 0
         self._cache: tuple[int, set[Key]] | None = None
+        self._reads = {"results": {}, "problems": {}}  # kind -> key -> times the observer read it
+        self._reconnects: list[float] = []  # the observer's reconnects: its reads are counted per connection
+        self._answer_times: dict[Key, list[float]] = {}  # key -> times a result of it was seen
+        self._restarts: list[float] = []  # restart_broker faults
 
     @classmethod
     def of(cls, events: Iterable[dict], unroutable: Iterable[dict] = ()) -> "Ledger":
@@ -121,24 +129,41 @@ class Ledger:
             self._published_to.setdefault(e.get("routing_key"), set()).add(object_key(msg.get("scan"), msg.get("object")))
             self._version += e.get("routing_key") in self._deletion_faults
         if e.get("exchange", "") == "" and e.get("routing_key") in (RESULT_QUEUE, PROBLEM_QUEUE):
-            self._witness("published", e.get("routing_key"), msg)
+            self._witness("published", e.get("routing_key"), msg, e.get("t"))
 
     def _on_output(self, e: dict) -> None:
-        if e.get("queue") in (RESULT_QUEUE, PROBLEM_QUEUE) and not e.get("redelivered"):
-            self._witness("read", e.get("queue"), e.get("msg") or {})
+        if e.get("queue") in (RESULT_QUEUE, PROBLEM_QUEUE):
+            self._witness("read", e.get("queue"), e.get("msg") or {}, e.get("t"))
 
-    def _witness(self, witness: str, queue: str, msg: dict) -> None:
+    def _witness(self, witness: str, queue: str, msg: dict, t: float | None = None) -> None:
         self._witnesses.add(witness)
         kind = _answer_kind(queue, msg)
         if kind is None:
             return
         key = object_key(msg.get("scan"), msg.get("object"))
-        seen = self._seen[witness][kind]
-        seen[key] += 1
+        if kind == "results" and t is not None:
+            self._answer_times.setdefault(key, []).append(t)
+        if witness == "read":
+            self._reads[kind].setdefault(key, []).append(t)
+        else:
+            self._seen[witness][kind][key] += 1
+        self._settle(kind, key)
+
+    def _read_count(self, kind: str, key: Key) -> int:
+        """The most reads of ``key`` within one connection of the observer."""
+        times = self._reads[kind].get(key)
+        if not times:
+            return 0
+        per_connection = Counter(bisect.bisect_right(self._reconnects, t) for t in times)
+        return max(per_connection.values())
+
+    def _settle(self, kind: str, key: Key) -> None:
         total = self.results if kind == "results" else self.problems
-        if seen[key] > total[key]:
-            total[key] = seen[key]
-            self._unanswered.discard(key)
+        count = max(self._seen["published"][kind][key], self._read_count(kind, key))
+        if count != total[key]:
+            total[key] = count
+            if count:
+                self._unanswered.discard(key)
             self._version += 1
 
     def _on_deliver(self, e: dict) -> None:
@@ -155,6 +180,8 @@ class Ledger:
             self.redelivered.add((msg.get("scan"), None))
 
     def _on_fault(self, e: dict) -> None:
+        if e.get("kind") == "restart_broker":
+            bisect.insort(self._restarts, e["t"])
         if _deletes_queue(e.get("kind")):
             queue = e.get("target")
             self._deletion_faults[queue] = min(e["t"], self._deletion_faults.get(queue, e["t"]))
@@ -170,6 +197,11 @@ class Ledger:
             self._version += 1
         elif e.get("name") == "publish_resumed":  # the harness sent these scans' messages again
             self.redelivered.update((scan, None) for scan in e.get("scans") or ())
+        elif e.get("name") == "observer_reconnected":
+            bisect.insort(self._reconnects, e["t"])
+            for kind, reads in self._reads.items():  # a late reconnect splits reads counted before
+                for key in list(reads):
+                    self._settle(kind, key)
 
     # -- the answers -----------------------------------------------------------
     def answered(self, key: Key) -> bool:
@@ -235,8 +267,13 @@ class Ledger:
 
     def after_redelivery(self, key: Key) -> bool:
         """A duplicate a redelivery explains: its conversion, or its scan's spec, was delivered again
-        (or the harness published the scan's messages again after a planned broker restart)."""
-        return key in self.redelivered or (key[0], None) in self.redelivered
+        (or the harness published the scan's messages again after a planned broker restart), or its
+        results came before and after a broker restart (a stage's ack can die with the node, and a
+        crashed node's redeliveries carry no redelivered flag)."""
+        if key in self.redelivered or (key[0], None) in self.redelivered:
+            return True
+        times = self._answer_times.get(key, ())
+        return any(min(times) < r < max(times) for r in self._restarts) if times else False
 
     @property
     def unexpected(self) -> list[Key]:

@@ -142,3 +142,38 @@ def test_the_live_ledger_follows_the_writer_as_events_are_recorded():
     assert live.progress() == (1, 1) and live.harness_publishes() == 1
     history.record("output", queue="os2ds_matches", msg=msg("MatchesMessage", "s", "/b"), redelivered=False)
     assert live.progress() == (2, 0)
+
+
+def read(t, scan, obj, redelivered=False):
+    return ev(t, "output", queue="os2ds_matches", msg=msg("MatchesMessage", scan, obj), redelivered=redelivered)
+
+
+def test_a_result_the_broker_hands_the_observer_again_after_a_reconnect_counts_once():
+    # A crashed node gives back what the observer read but could not ack, without the redelivered flag.
+    events = [plan(0, "s", ["a"]), read(1, "s", "a"), ev(5, "phase", name="observer_reconnected"),
+              read(6, "s", "a")]
+    ledger = Ledger.of(events)
+    assert ledger.results[("s", "a")] == 1 and ledger.duplicated == {}
+    # the same account when the reconnect is folded in last
+    assert Ledger.of(events[:2] + events[3:] + events[2:3]).results[("s", "a")] == 1
+
+
+def test_a_redelivered_result_the_observer_never_recorded_is_not_lost():
+    # The node crashed while the result was on its way to the observer: it comes back flagged redelivered.
+    ledger = Ledger.of([plan(0, "s", ["a"]), ev(5, "phase", name="observer_reconnected"),
+                        read(6, "s", "a", redelivered=True)])
+    assert ledger.owed() == 0 and ledger.lost == []
+
+
+def test_two_results_read_on_one_connection_are_a_duplicate():
+    ledger = Ledger.of([plan(0, "s", ["a"]), read(1, "s", "a"), ev(5, "phase", name="observer_reconnected"),
+                        read(6, "s", "a"), read(7, "s", "a")])
+    assert ledger.duplicated == {("s", "a"): 2}
+
+
+def test_results_before_and_after_a_broker_restart_are_explained_by_it():
+    base = [plan(0, "s", ["a"]), result(1, "s", "a"), ev(4, "fault", kind="restart_broker", target=None)]
+    straddling = Ledger.of(base + [result(9, "s", "a")])
+    assert straddling.duplicated == {("s", "a"): 2} and straddling.after_redelivery(("s", "a"))
+    both_before = Ledger.of(base + [result(2, "s", "a")])
+    assert both_before.duplicated and not both_before.after_redelivery(("s", "a"))

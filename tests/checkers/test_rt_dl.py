@@ -231,6 +231,7 @@ def test_exactly_once_counts_a_result_either_source_saw_and_a_redelivered_read_o
     hb.publish(2, "os2ds_matches", "MatchesMessage", stage="worker", scan="s1", object="a")
     hb.output(2.1, "os2ds_matches", "MatchesMessage", scan="s1", object="a")
     hb.output(2.2, "os2ds_matches", "MatchesMessage", scan="s1", object="b")
+    hb.phase(4.9, "observer_reconnected")
     hb.ev(5, "output", queue="os2ds_matches", redelivered=True, msg={"type": "MatchesMessage", "scan": "s1", "object": "b"})
     r = judge(hb, "DL-EXACTLY-ONCE")
     assert r.outcome == "passed" and r.metrics["results"] == 2
