@@ -47,6 +47,8 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "log": "path of its captured output",
         "supervisor_restart": "n when the restart policy started it again for the n-th time, 0 for the harness's "
                               "own starts (a kill_stage restart included)",
+        "conversion_priority": "list of tags of its CONVERSION_PRIORITY (workers; per-scan queues), first = "
+                               "highest; [] = unset or empty: no filter, no per-scan priority",
     },
     "stage_exited": {"stage": "stage instance", "pid": "OS pid", "returncode": "exit code, negative = signal",
                      "expected": "true when the harness stopped or killed it on purpose",
@@ -107,7 +109,21 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "conversion_queue": "queue its conversions must go to",
         "objects": "relative paths of the objects the scan must produce a result for",
         "via": "'explorer' (a ScanSpecMessage) or 'conversions' (ConversionMessages published directly)",
+        "per_scan": "the tag ('delta', 'full' or a forced one) when the scan is routed through a per-scan queue "
+                    "of its own (then conversion_queue names it), else null",
     },
+    "ps_announce": {"queue": "the per-scan queue announced (a new_queue command)", "tag": "its new_queue_priority",
+                    "scan": "scan id, or null for a queue the harness announces on its own (a fault)",
+                    "reason": "'scan_start', 'rebroadcast' (every R s), 'hello_reply' or 'fault'",
+                    "to": "'broadcast' (the broadcast exchange), or the command queue of the worker answered"},
+    "ps_delete": {"queue": "the per-scan queue the admin deletes: a delete_queue command on broadcast, then "
+                           "queue.delete (the observer's queue_deleted follows)",
+                  "scan": "scan id or null", "reason": "'scan_end' (every object answered), 'abort' or 'fault'",
+                  "ready": "its last sampled ready count (messages the delete discards), or null"},
+    "hello": {"command_queue": "the command queue a worker_hello named (the stage consuming it is the worker: "
+                               "see consumer_created)",
+              "stage": "the stage owning that queue when the admin knew it at once, else null",
+              "answered": "the queues the admin's reply announced to it, in order (ps_announce events follow)"},
     "fault": {"kind": "fault kind", "target": "stage, queue or client", "detail": "which fault of the scenario",
               "params": "the fault's parameters", "name": "the fault's name in the scenario, or null"},
     "hold": {"phase": "'workload.N'", "name": "the phase's name or null", "state": "'started' or 'ended'",

@@ -29,7 +29,7 @@ CLAUSE_IDS = clause_ids()
 FAULT_KINDS = tuple(HARNESS_FAULTS)
 
 # Set by the stage launcher; a scenario may not override them through a stage's env.
-RESERVED_ENV = ("QUEUE_PRIORITY", "OS2DS_ENGINE_USER_CONFIG_PATH")
+RESERVED_ENV = ("QUEUE_PRIORITY", "CONVERSION_PRIORITY", "OS2DS_ENGINE_USER_CONFIG_PATH")
 
 
 def _queue_name(value: str) -> str:
@@ -42,6 +42,8 @@ QueueName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-
                       AfterValidator(_queue_name)]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 Seconds = Annotated[float, Field(ge=0.0)]
+# A per-scan queue's tag (ENGINE_CONTRACT.md section 7: exact, case-sensitive words).
+Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 # Names of phases and faults, for triggers and reports: free text such as "burst into middle".
 Label = Annotated[str, Field(min_length=1, max_length=80, pattern=r"^\S(.*\S)?$")]
 
@@ -61,6 +63,9 @@ class Client(Strict):
     explorer_delta_queue: QueueName = DEFAULT_EXPLORER_QUEUE
     conversion_full_queue: QueueName = DEFAULT_CONVERSION_QUEUE
     conversion_delta_queue: QueueName = DEFAULT_CONVERSION_QUEUE
+    # true: every scan of this client gets a per-scan queue (OS2datascanner 3.32), tagged as the admin
+    # tags it (delta for a scan with a cutoff, else full); a phase's own per_scan overrides it.
+    per_scan: bool = False
 
 
 RESTART_POLICIES = ("no", "on-failure", "always")
@@ -115,12 +120,13 @@ class Stage(Strict):
     name: Name
     kind: Literal["explorer", "worker"]
     queue_priority: list[QueueName] = []
+    conversion_priority: list[Tag] = []  # CONVERSION_PRIORITY (workers): per-scan tags, first = highest
     replicas: Annotated[int, Field(ge=1, le=16)] = 1
     env: dict[str, str] = {}
     start: Literal["immediately", "after_workload"] = "immediately"
     restart: Restart | None = None
 
-    @field_validator("queue_priority", mode="before")
+    @field_validator("queue_priority", "conversion_priority", mode="before")
     @classmethod
     def split_string(cls, value: Any) -> Any:
         # Written as the engine reads it: one whitespace-separated string.
@@ -143,9 +149,16 @@ class Stage(Strict):
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"@{key}: not a valid environment variable name")
             if key in RESERVED_ENV:
-                hint = "use the stage's queue_priority" if key == "QUEUE_PRIORITY" else "the harness sets it"
+                hint = {"QUEUE_PRIORITY": "use the stage's queue_priority",
+                        "CONVERSION_PRIORITY": "use the stage's conversion_priority"}.get(key, "the harness sets it")
                 raise ValueError(f"@{key}: may not be set in env ({hint})")
         return value
+
+    @model_validator(mode="after")
+    def tags_for_workers(self) -> "Stage":
+        if self.conversion_priority and self.kind != "worker":
+            raise ValueError("@conversion_priority: only workers read CONVERSION_PRIORITY (per-scan queues)")
+        return self
 
     @property
     def priority(self) -> list[str]:
@@ -252,6 +265,10 @@ class Phase(Strict):
     old_files: Annotated[int, Field(ge=0, le=100_000)] | None = None  # delta: files before the cutoff; default objects // 2
     lasting: Duration | None = None
     hold: Hold | None = None
+    # Per-scan routing (OS2datascanner 3.32): true = each scan gets its own queue, tagged as the admin
+    # tags it (delta / full from the mode); a tag = the same with that tag forced; false = the client's
+    # conversion queues even when the client is per_scan; absent = the client's per_scan decides.
+    per_scan: bool | Tag | None = None
 
     @model_validator(mode="after")
     def consistent(self) -> "Phase":
@@ -333,6 +350,12 @@ class Checks(Strict):
     allow_duplicates: bool = False
 
 
+class Admin(Strict):
+    """The harness's part as OS2datascanner's admin and status collector (per-scan queues)."""
+
+    rebroadcast_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0  # R: live queues announced again
+
+
 class Scenario(Strict):
     name: Name | None = None
     description: str = ""
@@ -343,6 +366,7 @@ class Scenario(Strict):
     stages: Annotated[list[Stage], Field(min_length=1)]
     workload: list[Phase] = []
     faults: list[Fault] = []
+    admin: Admin = Admin()
     checks: Checks = Checks()
 
     @model_validator(mode="after")
@@ -418,6 +442,13 @@ class Scenario(Strict):
 
     def client(self, name: str) -> Client:
         return next(c for c in self.clients if c.name == name)
+
+    def per_scan_tag(self, phase: "Phase") -> str | None:
+        """The tag a phase's scans are announced with when routed per scan, else None."""
+        routed = self.client(phase.client).per_scan if phase.per_scan is None else phase.per_scan
+        if routed is False:
+            return None
+        return phase.mode if routed is True else routed
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -500,7 +531,7 @@ def _loc(parts: tuple[Any, ...]) -> str:
 
 def _all_fields() -> list[str]:
     names: set[str] = set()
-    for model in (Scenario, Client, Stage, Trigger, Duration, Hold, Phase, Fault, Checks):
+    for model in (Scenario, Client, Stage, Trigger, Duration, Hold, Phase, Fault, Checks, Admin):
         names |= set(model.model_fields)
     return sorted(names)
 
