@@ -1,6 +1,7 @@
 """``python -m harness``: lint a scenario, re-check a saved history, print the scenario schema.
 
-    python -m harness lint scenario.yaml [more.yaml ...]
+    python -m harness lint scenario.yaml|compose.yml [more ...] [--clients clients.json]
+    python -m harness import compose.yml [--clients clients.json] [-o scenario.yaml]
     python -m harness check history.jsonl --scenario scenario.yaml [--check-period S] [--tolerance S]
                             [--grace S] [--clauses QP-PRECEDENCE,RT] [--timeline out.png] [--json]
     python -m harness schema
@@ -18,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from harness import compose
 from harness.checkers import CLAUSES, check_all, lint, rules, select, windows_for
 from harness.checkers.model import Windows
 from harness.history import History, HistoryError
@@ -30,8 +32,16 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description="qp-harness: queue-priority conformance tools")
     sub = p.add_subparsers(dest="command", required=True)
-    lp = sub.add_parser("lint", help="check scenario files statically (CF-* clauses, no broker)")
-    lp.add_argument("scenarios", nargs="+", type=Path, metavar="scenario.yaml")
+    lp = sub.add_parser("lint", help="check scenario files, or a deployment's compose file, statically "
+                                     "(CF-* clauses, no broker)")
+    lp.add_argument("scenarios", nargs="+", type=Path, metavar="scenario.yaml|compose.yml")
+    lp.add_argument("--clients", type=Path, help="for a compose file: the client export (JSON list of clients)")
+    ip = sub.add_parser("import", help="turn a docker-compose file's engine services (and a client export) into "
+                                       "a scenario skeleton")
+    ip.add_argument("compose", type=Path, metavar="compose.yml")
+    ip.add_argument("--clients", type=Path, help="the client export: JSON list of {name, organisation, the four "
+                                                  "queue fields}")
+    ip.add_argument("-o", "--output", type=Path, help="write the scenario here instead of printing it")
     cp = sub.add_parser("check", help="re-run the checkers on a saved history.jsonl")
     cp.add_argument("history", type=Path, metavar="history.jsonl")
     cp.add_argument("--scenario", type=Path, help="the scenario the history was recorded from")
@@ -53,11 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lint(paths: list[Path]) -> int:
+def _lint(paths: list[Path], clients: Path | None = None) -> int:
     worst = EXIT_OK
     for path in paths:
+        where = lambda field: f"{path}: {field}"  # noqa: E731 - a scenario's fields are its own
         try:
-            scenario = load_scenario(path)
+            if compose.is_compose_file(path):
+                deployment = compose.load_deployment(path, clients)
+                scenario = compose.to_scenario(deployment)
+                where = lambda field: compose.compose_field(deployment, field)  # noqa: E731
+            else:
+                scenario = load_scenario(path)
         except ScenarioError as exc:
             print(str(exc), file=sys.stderr)
             worst = max(worst, EXIT_BAD_INPUT)
@@ -68,10 +84,27 @@ def _lint(paths: list[Path]) -> int:
         for r in failed:
             for f in r.findings:
                 field = f.evidence[0].get("field") if f.evidence and isinstance(f.evidence[0], dict) else None
-                print(f"{r.clause}: {f.explanation}" + (f" [{path}: {field}]" if field else ""))
+                print(f"{r.clause}: {f.explanation}" + (f" [{where(field)}]" if field else ""))
         if failed:
             worst = max(worst, EXIT_FAILED)
     return worst
+
+
+def _import(args) -> int:
+    try:
+        deployment = compose.load_deployment(args.compose, args.clients)
+        compose.to_scenario(deployment)  # the skeleton must be a valid scenario
+    except ScenarioError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    text = compose.to_yaml(deployment)
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"{args.output}: {len(deployment.services)} engine services, "
+              f"{len(deployment.clients) or 1} clients; lint it with: python -m harness lint {args.output}")
+    else:
+        print(text, end="")
+    return EXIT_OK
 
 
 def _check(args) -> int:
@@ -135,7 +168,9 @@ def _check(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "lint":
-        return _lint(args.scenarios)
+        return _lint(args.scenarios, args.clients)
+    if args.command == "import":
+        return _import(args)
     if args.command == "check":
         return _check(args)
     if args.command == "clauses":
