@@ -13,8 +13,9 @@ Each repetition is a fresh ``python -m pytest`` run with two xdist workers.
 For the suite, a repetition counts as green when every test passed. For the
 fault matrix, each row is counted on its own: a fault row is a detection when
 its test passed (every declared clause failed, nothing else did), a clean row
-when the unfaulted engine failed nothing. The JUnit XML of each run is kept
-under reports/stability/.
+when the unfaulted engine failed nothing. The JUnit XML and the report
+folders of each run are kept under reports/stability/, one per repetition
+(``suite-0.1s-3/``), so that a failure of an early run can still be read.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def suite_runs(n: int, pace: float) -> str:
     for i in range(1, n + 1):
         junit = OUT / f"suite-{pace:g}s-{i}.xml"
         code, wall = run(["suites"], junit, "--engine-env", f"REFERENCE_WORK_SECONDS={pace:g}",
-                         "--qp-report-dir", f"reports/stability/suite-{pace:g}s")
+                         "--qp-report-dir", f"reports/stability/suite-{pace:g}s-{i}")
         failed = sorted(n for n, ok in outcomes(junit).items() if not ok) if junit.exists() else ["(no report)"]
         green += code == 0
         print(f"suite run {i}/{n} at {pace:g} s per object: exit {code}, {wall:.0f} s"
@@ -81,7 +82,7 @@ def main() -> int:
         seen: Counter[str] = Counter()
         for i in range(1, args.n + 1):
             junit = OUT / f"matrix-{i}.xml"
-            code, wall = run(["tests/test_fault_matrix.py"], junit)
+            code, wall = run(["tests/test_fault_matrix.py"], junit, "--qp-report-dir", f"reports/stability/matrix-{i}")
             results = outcomes(junit) if junit.exists() else {}
             for name, ok in results.items():
                 seen[name] += 1
