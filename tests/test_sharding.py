@@ -12,6 +12,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from harness.broker import VhostOwner
+
 ROOT = Path(__file__).resolve().parent.parent
 # Two short scenarios, collected as one test each: one per shard.
 SELECTION = ["scenarios/defaults_only.yaml", "scenarios/shared_delta_fifo.yaml"]
@@ -42,5 +44,11 @@ def test_two_shards_share_one_broker_without_interference(broker, tmp_path):
     ran = [passed_tests(junit) for junit in junits]
     assert all(len(names) == 1 for names in ran), ran  # one test each: the split, not one shard running both
     assert len(set(ran[0] + ran[1])) == 2, ran
-    assert not [v for v in broker.management.vhosts() if v.startswith("qp-") and "shard" in v], \
-        "a shard left a vhost behind"
+    left = [r["name"] for r in broker.management.vhost_records() if _made_by(r, {s.pid for s in shards})]
+    assert not left, f"the shards left vhosts behind: {left}"
+
+
+def _made_by(record: dict, pids: set[int]) -> bool:
+    description = record.get("description") or (record.get("metadata") or {}).get("description") or ""
+    owner = VhostOwner.parse(description)
+    return owner is not None and owner.pid in pids
