@@ -34,7 +34,8 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "window_sources": "where each of check_period, tolerance and grace came from: 'command line --check-period' "
                           "(and the like), an ini file's engine profile, the scenario's checks, or 'SPEC default'",
     },
-    "run_finished": {"reason": "why the run ended: 'complete', 'time_limit', 'stage_exited', 'stage_silent', "
+    "run_finished": {"reason": "why the run ended: 'complete', 'stalled' (work owed, nothing left to do, no delivery "
+                               "or result for several W), 'time_limit', 'stage_exited', 'stage_silent', "
                                "'broker_gone', 'error'"},
     "stage_started": {
         "stage": "stage instance name, e.g. 'worker' or 'worker#2' for replicas",

@@ -78,6 +78,7 @@ class Ledger:
         self.redelivered: set[Key] = set()  # objects (or (scan, None) for a spec) handed out again
         self.unroutable: set[Key] = set()
         self.harness_publishes = 0  # workload messages the tracer saw the harness publish
+        self.deliveries = 0  # first deliveries to anyone: the engine is doing something new
         self._unanswered: set[Key] = set()
         self._deletion_faults: dict[str, float] = {}  # queue -> first deletion fault
         self._deleted_seen: dict[str, list[float]] = {}  # queue -> its queue_deleted times
@@ -167,6 +168,7 @@ class Ledger:
             self._version += 1
 
     def _on_deliver(self, e: dict) -> None:
+        self.deliveries += not e.get("redelivered")
         msg = e.get("msg") or {}
         if msg.get("type") == "ConversionMessage":
             key = object_key(msg.get("scan"), msg.get("object"))
@@ -300,6 +302,12 @@ class LiveLedger:
         """(objects answered, objects still owed)."""
         with self._lock:
             return self._ledger.answered_count(), self._ledger.owed()
+
+    def activity(self) -> tuple[int, int, int]:
+        """Changes whenever the engine does something new: a first delivery to a stage, a result (a
+        message requeued and handed out again and again is no progress)."""
+        with self._lock:
+            return self._ledger.deliveries, self._ledger.answered_count(), self._ledger.owed()
 
     def harness_publishes(self) -> int:
         with self._lock:

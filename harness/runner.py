@@ -33,6 +33,13 @@ from harness.schedule import Happenings, Item, Schedule, backlog_size, stage_mat
 from harness.stages import StageExited, StageLauncher, StageStartError
 from harness.workload import Workload
 
+# A run with work owed, nothing left to publish or inject, and no new delivery or result for this many
+# windows W (at least STALL_MIN_SECONDS) ends as 'stalled' rather than waiting for its time limit:
+# an engine that lost or wedged the work has shown it by then (a failure that can only show at the
+# engine's next check shows within one W), and the fault matrix's faulty runs end in seconds.
+STALL_WINDOWS = 3
+STALL_MIN_SECONDS = 10.0
+
 Progress = Callable[[str], None]
 
 
@@ -197,6 +204,7 @@ class ScenarioRun:
         started = time.monotonic()
         deadline = started + scenario.time_limit
         later_started = not later
+        last_activity, quiet_since = None, started
         while True:
             now = time.monotonic()
             self._check_broker(observer)
@@ -217,13 +225,17 @@ class ScenarioRun:
                 self.say(f"all {done} objects owed have a result")
                 self._settle(launcher)
                 return "complete"
+            activity = (self.ledger.activity(), launcher.restart_pending)
+            if activity != last_activity or flooding or not later_started or faulting or launcher.restart_pending:
+                last_activity, quiet_since = activity, now
+            elif now - quiet_since > self._stall_after():
+                self.say(f"stalled: no new delivery and no result for {now - quiet_since:.0f} s with {owed} objects "
+                         f"owed and nothing left to publish or inject; ending the run")
+                self._note_silent(observer, launcher, f"the run stalled ({owed} objects owed)")
+                return "stalled"
             if now > deadline:
-                silent = self._silent_stages(observer, launcher)
-                self.say(f"time limit {scenario.time_limit:g} s reached with {done}/{done + owed} results"
-                         + (f"; silent: {', '.join(silent)}" if silent else ""))
-                if silent:
-                    self.problems.append(f"time limit {scenario.time_limit:g} s reached; stage(s) with no "
-                                         f"delivery in the last {self.windows.W:g} s: {', '.join(silent)}")
+                self.say(f"time limit {scenario.time_limit:g} s reached with {done}/{done + owed} results")
+                self._note_silent(observer, launcher, f"time limit {scenario.time_limit:g} s reached")
                 return "time_limit"
             time.sleep(0.05)
 
@@ -265,6 +277,19 @@ class ScenarioRun:
                 return
             time.sleep(0.05)
         self.say(f"the firehose recorded fewer than {published} workload publishes within {timeout:g} s")
+
+    def _stall_after(self) -> float:
+        """How long a run may show no delivery and no result, with work owed and nothing left to do,
+        before it ends as stalled: long enough for any check of the engine to have come (several W),
+        so that every clause whose failure shows at the next check has shown it."""
+        return max(STALL_WINDOWS * self.windows.W, STALL_MIN_SECONDS)
+
+    def _note_silent(self, observer: Observer, launcher: StageLauncher, why: str) -> None:
+        silent = self._silent_stages(observer, launcher)
+        if silent:
+            self.say(f"silent: {', '.join(silent)}")
+            self.problems.append(f"{why}; stage(s) with no delivery in the last {self.windows.W:g} s: "
+                                 f"{', '.join(silent)}")
 
     def _silent_stages(self, observer: Observer, launcher: StageLauncher) -> list[str]:
         """Running stages with work ready in a queue they read but no delivery in the last W (a hang)."""

@@ -77,19 +77,29 @@ def test_stage_that_never_connects_fails_at_G_with_its_log_tail(child):
     child.assert_nothing_left()
 
 
-def test_stage_that_hangs_is_ended_by_the_time_limit_and_named(child):
-    """hangs.py consumes, takes one message and never returns from its callback (and ignores SIGTERM)."""
-    scenario = child.add("one_worker", **{"time_limit: 12": "time_limit: 8"})
-    done = child.run("--engine-cmd", engine("hangs"), "--startup-grace", "3", "--check-period", "1", scenario)
+def test_a_hanging_stage_is_named_whether_the_run_stalls_or_reaches_its_time_limit(child):
+    """hangs.py consumes, takes one message and never returns from its callback (and ignores SIGTERM).
+
+    With a short time limit the run ends there; with a long one it ends once nothing is left to publish
+    and nothing new is delivered or answered for STALL_WINDOWS x W (at least STALL_MIN_SECONDS): stalled.
+    Either way the silent worker is named and killed. One child pytest runs both (one broker start)."""
+    limited = child.add("one_worker", as_name="a_limited", **{"time_limit: 12": "time_limit: 8"})
+    stalls = child.add("one_worker", as_name="b_stalls", **{"time_limit: 12": "time_limit: 300"})
+    done = child.run("--engine-cmd", engine("hangs"), "--startup-grace", "3", "--check-period", "1", limited, stalls)
     out = done.output
     assert done.returncode == 1, out
     # The explorer has no work (nothing is sent to it), so only the worker is silent.
     assert "time limit 8 s reached; stage(s) with no delivery in the last 2 s: worker\n" in out, out
     assert "(the run ended by time_limit)" in out, out
+    assert re.search(r"the run stalled \(\d+ objects owed\); stage\(s\) with no delivery in the last 2 s: worker\n",
+                     out), out
+    assert "(the run ended by stalled)" in out, out
     assert_no_traceback(out)
-    exits = {e["stage"]: e for e in child.stage_events("stage_exited")}
-    assert exits["worker"]["returncode"] == -signal.SIGKILL and exits["worker"]["expected"], exits
-    assert exits["explorer"]["returncode"] is not None
+    runs = {e["scenario"]: e["t"] for e in child.stage_events("run_started")}
+    ends = [e["t"] for e in child.stage_events("run_finished")]
+    assert max(ends) - runs["b_stalls"] < 120, "the stalled run waited for its time limit"
+    exits = [e for e in child.stage_events("stage_exited") if e["stage"] == "worker"]
+    assert [(e["returncode"], e["expected"]) for e in exits] == [(-signal.SIGKILL, True)] * 2, exits
     child.assert_nothing_left()
 
 
