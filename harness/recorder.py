@@ -116,8 +116,9 @@ class Recorder:
 
     # ------------------------------------------------------------------ one handler per kind of item
     def on_event(self, t: float, key: str, headers: dict) -> None:
-        """A message of the event exchange, or the BROKER_DOWN marker."""
+        """A message of the event exchange, or the BROKER_DOWN marker: recorded now if it can be."""
         self.attribution.add(t, key, headers)
+        self.advance()
 
     def on_trace(self, t: float, key: str, h: dict, body: bytes) -> None:
         """A firehose message: one publish or one delivery."""
