@@ -331,3 +331,53 @@ def test_a_marker_put_while_the_recorder_is_applying_an_event_is_recorded():
         ("connection_created", None), ("channel_created", None), ("consumer_created", None),
         ("connection_closed", "broker_down")]
     assert view.consumers() == [] and view.connections_of("w1") == []
+
+
+# ---------------------------------------------------------------- recorded from a live run
+
+def recorded():
+    """The event-exchange tuples of a small live run (tests/data/broker_events.json): the observer
+    starting, a fake worker w1 consuming qa and qb, a harness connection consuming qh, w1 stopped.
+    ``expected`` is what the observer recorded then: (type, stage, queue)."""
+    import json
+    from pathlib import Path
+    return json.loads((Path(__file__).parent / "data" / "broker_events.json").read_text())
+
+
+def test_a_recorded_run_replays_to_what_the_observer_recorded_live():
+    data = recorded()
+    ports = {int(port): stage for port, stage in data["ports"].items()}
+    att = Attribution(data["vhost"], data["own_prefix"], Resolver(ports))
+    records = []
+    for t, key, headers in data["events"]:
+        att.add(T0 + t, key, headers)
+        records += att.advance(T0 + t)
+    assert [[r[0], r[2].get("stage"), r[2].get("queue")] for r in records] == data["expected"]
+    assert not att.pending and not att.consumers and att.open_connections() == []
+
+
+def test_a_recorded_run_replays_the_same_when_the_stages_register_late():
+    """Each stage's port becomes known 0.3 s after its connection event (its PID registered late); the
+    recorder retries the pending events every 0.05 s, well within the attribution timeout."""
+    data = recorded()
+    ports = {int(port): stage for port, stage in data["ports"].items()}
+    known_from = {h["peer_port"]: T0 + t + 0.3 for t, key, h in data["events"]
+                  if key == "connection.created" and h.get("peer_port") in ports}
+    clock = [T0]
+
+    class LateResolver(Resolver):
+        def __call__(self, port):
+            return self.ports.get(port) if clock[0] >= known_from.get(port, float("inf")) else None
+
+    att = Attribution(data["vhost"], data["own_prefix"], LateResolver(ports), attribution_timeout=1.0)
+    records = []
+    for t, key, headers in data["events"]:
+        while clock[0] + 0.05 < T0 + t:  # the recorder's idle ticks
+            clock[0] += 0.05
+            records += att.advance(clock[0])
+        clock[0] = T0 + t
+        att.add(T0 + t, key, headers)
+        records += att.advance(clock[0])
+    records += att.advance(clock[0] + 0.5)
+    assert sorted([r[0], str(r[2].get("stage")), str(r[2].get("queue"))] for r in records) == sorted(
+        [t, str(s), str(q)] for t, s, q in data["expected"])
