@@ -159,6 +159,7 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     results = list(results)
     path = Path(path)
@@ -169,8 +170,14 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     t_end = max(ctx.end, t0 + 1)
 
     stages = [sv for sv in ctx.stages.values() if sv.consumers or sv.priority]
+    prio_queues: list[str] = []
+    for sv in stages:
+        for q in sv.priority:
+            if q not in prio_queues:
+                prio_queues.append(q)
     series = _queue_series(history, None)
-    plot_queues = _plot_queues(stages, series)
+    extra = [q for q, (_, ys) in series.items() if q not in prio_queues and any(y > 0 for y in ys if y == y)]
+    plot_queues = (prio_queues + sorted(extra))[:12]
     cmap = plt.get_cmap("tab10" if len(plot_queues) <= 10 else "tab20")
     colour = {q: cmap(i % cmap.N) for i, q in enumerate(plot_queues)}
 
@@ -190,30 +197,6 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
                  f"  (W = {windows.W:g} s, G = {windows.G:g} s)",
                  fontsize=12, color="#b00020" if failed else "#1b5e20", x=0.01, ha="left")
 
-    _draw_queues(ax_q, plot_queues, series, colour, t0)
-    lane_y, row_pos = _draw_lanes(ax_s, lanes, colour, t0)
-    _draw_faults(ax_q, ax_s, history, ctx, t0)
-    _draw_violations(ax_q, ax_s, results, lane_y, row_pos, t0, t_end)
-    _draw_legend(ax_q, results, lanes)
-    ax_s.set_xlim(0, t_end - t0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _plot_queues(stages, series) -> list[str]:
-    """The priority queues of the stages, in order, then other queues that held messages (at most 12)."""
-    prio_queues: list[str] = []
-    for sv in stages:
-        for q in sv.priority:
-            if q not in prio_queues:
-                prio_queues.append(q)
-    extra = [q for q, (_, ys) in series.items() if q not in prio_queues and any(y > 0 for y in ys if y == y)]
-    return (prio_queues + sorted(extra))[:12]
-
-
-def _draw_queues(ax_q, plot_queues, series, colour, t0: float) -> None:
     for q in plot_queues:
         xs, ys = series.get(q, ([], []))
         if not xs:
@@ -223,9 +206,7 @@ def _draw_queues(ax_q, plot_queues, series, colour, t0: float) -> None:
     ax_q.set_ylabel("ready messages")
     ax_q.grid(True, alpha=0.3)
 
-
-def _draw_lanes(ax_s, lanes, colour, t0: float) -> tuple[dict[str, tuple[float, float]], dict[str, dict[str, float]]]:
-    """One lane per stage, one row per queue; returns each lane's (top, bottom) and each row's y."""
+    # stage lanes
     yticks, ylabels = [], []
     y = 0.0
     lane_y: dict[str, tuple[float, float]] = {}
@@ -261,10 +242,8 @@ def _draw_lanes(ax_s, lanes, colour, t0: float) -> tuple[dict[str, tuple[float, 
     ax_s.set_ylim(max(y - 0.5, 1), -0.2)
     ax_s.set_xlabel("seconds since run start")
     ax_s.grid(True, axis="x", alpha=0.3)
-    return lane_y, row_pos
 
-
-def _draw_faults(ax_q, ax_s, history, ctx, t0: float) -> None:
+    # faults and teardown
     for ev in history.of("fault"):
         for ax in (ax_q, ax_s):
             ax.axvline(ev["t"] - t0, color="#6a1b9a", ls="--", lw=1)
@@ -274,9 +253,9 @@ def _draw_faults(ax_q, ax_s, history, ctx, t0: float) -> None:
         for ax in (ax_q, ax_s):
             ax.axvline(ctx.teardown - t0, color="#444444", ls=":", lw=1)
 
-
-def _violation_spans(results, lane_y, t0: float, t_end: float):
-    """(stage or None, start, end) -> clause ids, -> queues named; and every span for the top panel."""
+    # violations: shade the rows of the queues a finding names (the whole lane if none), label the
+    # clause id once per stage and span; the top panel gets the union of all violation spans.
+    from harness.checkers._common import merge as _merge
     spans: dict[tuple, list[str]] = {}
     rows_of: dict[tuple, set] = {}
     top_spans = []
@@ -292,14 +271,6 @@ def _violation_spans(results, lane_y, t0: float, t_end: float):
             if f.clause not in spans.setdefault(key, []):
                 spans[key].append(f.clause)
             rows_of.setdefault(key, set()).update(q for q in f.queues if q)
-    return spans, rows_of, top_spans
-
-
-def _draw_violations(ax_q, ax_s, results, lane_y, row_pos, t0: float, t_end: float) -> None:
-    """Shade the rows of the queues a finding names (the whole lane if none), label the clause id
-    once per stage and span; the top panel gets the union of all violation spans."""
-    from harness.checkers._common import merge as _merge
-    spans, rows_of, top_spans = _violation_spans(results, lane_y, t0, t_end)
     for a, b in _merge(top_spans):
         ax_q.axvspan(a, b, color="#e53935", alpha=0.12, lw=0)
     per_lane: dict[str | None, int] = {}
@@ -329,10 +300,6 @@ def _draw_violations(ax_q, ax_s, results, lane_y, row_pos, t0: float, t_end: flo
         elif k < 8:
             ax_q.text(a, 0.97 - 0.07 * k, label, transform=ax_q.get_xaxis_transform(), color="#b00020",
                       fontsize=8, va="top", fontweight="bold", bbox={"facecolor": "white", "alpha": 0.75, "lw": 0, "pad": 1})
-
-
-def _draw_legend(ax_q, results, lanes) -> None:
-    from matplotlib.patches import Patch
     handles = [Patch(color="#e53935", alpha=0.3, label="violation (clause id)")]
     if any(sv.excused for sv, _ in lanes):
         handles.append(Patch(color="#999999", alpha=0.2, label="stage paused by a fault"))
@@ -342,6 +309,11 @@ def _draw_legend(ax_q, results, lanes) -> None:
     if lines or handles:  # a run that ended before any sample (no stage started) has nothing to label
         ax_q.legend(lines + handles, names + [h.get_label() for h in handles], loc="upper right", fontsize=8,
                     ncol=min(4, len(lines) + len(handles)), framealpha=0.85)
+    ax_s.set_xlim(0, t_end - t0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 __all__ = ["format_failure", "format_finding", "format_summary", "render_timeline", "TITLES"]
