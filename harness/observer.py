@@ -42,11 +42,11 @@ from typing import Any, Callable
 import pika
 import pika.exceptions
 
-from harness.attribution import BROKER_DOWN, port_of_name  # noqa: F401 (port_of_name: public here before)
+from harness.attribution import BROKER_DOWN
 from harness.history import HistoryWriter
 from harness.live_view import LiveView
 from harness.messages import OUTPUT_QUEUES
-from harness.port_resolver import HARNESS, PortResolver  # noqa: F401 (HARNESS: public here before)
+from harness.port_resolver import PortResolver
 from harness.recorder import Recorder, StageResolver
 
 log = logging.getLogger(__name__)
