@@ -95,12 +95,12 @@ def microbench(n: int = 20000) -> dict:
                   for i in range(30000)]
         headers = {"exchange_name": "", "routing_keys": ["bench"], "properties": {"content_encoding": "gzip"},
                    "connection": "127.0.0.1:5 -> 127.0.0.1:1", "channel": 1, "routed_queues": ["bench"]}
-        observer._port_cache[5] = ("sink", float("inf"))
+        observer.recorder.resolver.remember(5, "sink")
         t0 = time.perf_counter()
         for number in range(n):  # a distinct body each time, traced twice (publish, deliver) as on the wire
             body = bodies[number % len(bodies)]
-            observer._on_trace(time.time(), "publish.", headers, body)
-            observer._on_trace(time.time(), "deliver.bench", headers, body)
+            observer.recorder.on_trace(time.time(), "publish.", headers, body)
+            observer.recorder.on_trace(time.time(), "deliver.bench", headers, body)
         elapsed = time.perf_counter() - t0
         history.close()
     return {"microbench_us_per_event": round(1e6 * elapsed / (2 * n), 1),

@@ -33,6 +33,12 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "grace": "the start-up grace G (s)",
         "window_sources": "where each of check_period, tolerance and grace came from: 'command line --check-period' "
                           "(and the like), an ini file's engine profile, the scenario's checks, or 'SPEC default'",
+        "sample_interval": "seconds between two of the observer's samples",
+        "max_sample_gap": "samples further apart than this (s) do not bridge a run of one queue state",
+        "switch_slack": "a cancel up to this long (s) after the last sample that saw a higher queue non-empty is "
+                        "still a switch (the queue may have emptied just after it)",
+        "create_slack": "a queue created up to this long (s) after a publish still existed for it (queue events "
+                        "and the firehose arrive on two subscriptions)",
     },
     "run_finished": {"reason": "why the run ended: 'complete', 'stalled' (work owed, nothing left to do, no delivery "
                                "or result for several W), 'time_limit', 'stage_exited', 'stage_silent', "

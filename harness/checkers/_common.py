@@ -24,6 +24,8 @@ from harness.checkers.model import Windows
 
 Interval = tuple[float, float]
 
+# The observer's timing, as recorded in run_started (``Slack.of``); these are the values of
+# histories that do not record it (an observer sampling every 0.1 s).
 # A queue observation older than this is not carried forward: a longer gap in
 # the sampling breaks a run instead of bridging it (never invents a state).
 MAX_SAMPLE_GAP = 2.0
@@ -35,6 +37,9 @@ EXPLAIN_SLACK = 1.0
 # the broker's queue.created and the tracer's publish are stamped on receipt
 # by two different subscriptions.
 CREATE_SLACK = 0.25
+# A cancel up to this long after the last sample that saw the higher queue
+# non-empty still counts as a switch (the queue emptied between two samples).
+SWITCH_SLACK = 0.5
 # Overlaps shorter than this are receipt-order noise, not an instant with two consumers.
 OVERLAP_EPSILON = 0.1
 # A fault (or any event whose effect can only show at the engine's next check) is judged only when
@@ -56,6 +61,28 @@ def fault_family(kind: str | None) -> str | None:
     if "connection" in k or "reconnect" in k or "disconnect" in k:
         return "reconnect"
     return None
+
+
+@dataclass(frozen=True)
+class Slack:
+    """The receipt-order slack the checkers allow, from the observer that recorded the history."""
+    max_sample_gap: float = MAX_SAMPLE_GAP
+    create: float = CREATE_SLACK
+    switch: float = SWITCH_SLACK
+
+    @classmethod
+    def of(cls, history) -> "Slack":
+        """From the history's run_started (its ``max_sample_gap``, ``create_slack``, ``switch_slack``);
+        the defaults above for a field it lacks or that is not a non-negative number."""
+        started = history.of("run_started")
+        fields = started[0] if started else {}
+        found = {}
+        for name, key in (("max_sample_gap", "max_sample_gap"), ("create", "create_slack"),
+                          ("switch", "switch_slack")):
+            value = fields.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+                found[name] = float(value)
+        return cls(**found)
 
 
 # ---------------------------------------------------------------- intervals
@@ -129,11 +156,12 @@ class QueueLevels:
     exist_v: dict[str, list[bool]] = field(default_factory=dict)
     sample_t: dict[str, list[float]] = field(default_factory=dict)  # from sampled counts (null = missing)
     sample_v: dict[str, list[bool]] = field(default_factory=dict)
+    create_slack: float = CREATE_SLACK
 
     def exists_at(self, queue: str, t: float) -> bool | None:
         """True/False when known, None when the history says nothing about the queue.
-        A queue created up to CREATE_SLACK after ``t`` counts as existing (receipt-order noise)."""
-        return self.exists_within(queue, t, t + CREATE_SLACK)
+        A queue created up to ``create_slack`` after ``t`` counts as existing (receipt-order noise)."""
+        return self.exists_within(queue, t, t + self.create_slack)
 
     def exists_within(self, queue: str, a: float, b: float) -> bool | None:
         """Did the queue exist at some instant of [a, b]? None when nothing is known about it.
@@ -158,8 +186,9 @@ def _state_within(times, vals, a: float, b: float) -> bool | None:
     return any(vals[k] for k in range(i + 1, j))
 
 
-def build_levels(history, end: float) -> QueueLevels:
-    lv = QueueLevels()
+def build_levels(history, end: float, slack: Slack | None = None) -> QueueLevels:
+    slack = slack or Slack.of(history)
+    lv = QueueLevels(create_slack=slack.create)
     # state per queue: (kind 'pos'|'zero', run_start, last_t)
     state: dict[str, list[Any]] = {}
     changes: list[tuple[float, int, str, bool]] = []  # (t, order, queue, exists)
@@ -176,7 +205,7 @@ def build_levels(history, end: float) -> QueueLevels:
                 changes.append((t, order, q, n is not None))
                 order += 1
                 continue
-            if st[0] != kind or t - st[2] > MAX_SAMPLE_GAP:
+            if st[0] != kind or t - st[2] > slack.max_sample_gap:
                 (lv.pos if st[0] == "pos" else lv.zero).setdefault(q, []).append((st[1], st[2]))
                 st[0] = kind
                 st[1] = t
@@ -188,7 +217,7 @@ def build_levels(history, end: float) -> QueueLevels:
                 order += 1
     for q, st in state.items():
         (lv.pos if st[0] == "pos" else lv.zero).setdefault(q, []).append((st[1], st[2]))
-    _start_runs_at_publish(lv, history)
+    _start_runs_at_publish(lv, history, slack.max_sample_gap)
     for q in list(lv.pos):
         lv.pos[q] = [iv for iv in lv.pos[q] if iv[1] > iv[0]]
     for q in list(lv.zero):
@@ -205,12 +234,12 @@ def build_levels(history, end: float) -> QueueLevels:
     return lv
 
 
-def _start_runs_at_publish(lv: QueueLevels, history) -> None:
+def _start_runs_at_publish(lv: QueueLevels, history, max_sample_gap: float) -> None:
     """A queue holds work from the publish that filled it, not from the next sample (up to 100 ms
     later): a run of ready messages starts at the first publish into the queue after its last
     empty sample. Without this, a stage that reacts within one sample interval cancels "before"
     the work it reacts to, and its switch is not counted. Publishes stamped after the sample
-    (a late firehose) leave the run as sampled, and so do publishes more than MAX_SAMPLE_GAP
+    (a late firehose) leave the run as sampled, and so do publishes more than max_sample_gap
     before it: across a gap in the samples the queue may have emptied and filled again unseen."""
     published: dict[str, list[float]] = {}
     for ev in history.of("publish"):
@@ -225,7 +254,7 @@ def _start_runs_at_publish(lv: QueueLevels, history) -> None:
             i = bisect.bisect_left(zero_ends, a) - 1
             last_empty = max(zero_ends[i] if i >= 0 else float("-inf"), previous_end)
             previous_end = b
-            j = bisect.bisect_right(times, max(last_empty, a - MAX_SAMPLE_GAP))
+            j = bisect.bisect_right(times, max(last_empty, a - max_sample_gap))
             if j < len(times) and times[j] < a:
                 a = times[j]
             runs.append((a, b))
@@ -305,6 +334,7 @@ class Context:
     teardown: float
     levels: QueueLevels
     stages: dict[str, StageView]
+    slack: Slack = Slack()
 
     def rel(self, t: float | None) -> str:
         if t is None:
@@ -356,9 +386,10 @@ def build_context(history, scenario, windows: Windows) -> Context:
             break
     for ev in history.of("run_finished"):
         teardown = min(teardown, ev["t"])
-    levels = build_levels(history, end)
+    slack = Slack.of(history)
+    levels = build_levels(history, end, slack)
     stages = _build_stages(history, end, teardown, windows)
-    ctx = Context(history, scenario, windows, start, end, teardown, levels, stages)
+    ctx = Context(history, scenario, windows, start, end, teardown, levels, stages, slack)
     try:
         history._qp_context = (windows, scenario, ctx)
     except AttributeError:

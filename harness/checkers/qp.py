@@ -286,7 +286,7 @@ def cancel_latencies(ctx: Context):
                     if hb <= c.start:
                         continue
                     T = max(ha, c.start)
-                    if c.reason == "cancel" and end <= hb + SWITCH_SLACK:
+                    if c.reason == "cancel" and end <= hb + ctx.slack.switch:
                         lat = end - T
                         latencies.append(lat)
                         # late only if the higher queue really stayed non-empty for W while it was held
