@@ -16,10 +16,6 @@ from harness.checkers._common import (
 from harness.checkers.model import ClauseResult, Finding
 from harness.checkers.registry import clause
 
-# A cancel up to this long after the last sample that saw the higher queue
-# non-empty still counts as a switch (the queue emptied between two samples).
-SWITCH_SLACK = 0.5
-
 
 def _result(clause: str, findings: list[Finding], exercised: int, what: str, ctx: Context | None = None,
             **metrics) -> ClauseResult:
