@@ -2,8 +2,9 @@
 
 The event exchange tells about connections, channels, consumers and queues,
 each with the broker's pid of the thing (``<0.123.0>``). A connection is
-attributed to a stage by its client port, through an injected ``resolver``
-(``port -> stage | None``; harness.port_resolver.PortResolver asks the OS);
+attributed to a stage by its broker user or client port, through an injected
+``resolver`` (``(port, user) -> stage | None``; harness.port_resolver.PortResolver
+knows each stage's own user and asks the OS for the rest);
 channels through their connection, consumers through their channel.
 
 An event whose owner is not yet attributable (a stage that connected before
@@ -23,7 +24,7 @@ BROKER_DOWN = "qp-harness.broker_down"  # a marker the nemesis puts among the br
 
 Event = tuple[float, str, dict]  # (receive time, routing key, headers)
 Record = tuple[str, float, dict]  # (history event type, t, fields)
-Resolver = Callable[[Optional[int]], Optional[str]]
+Resolver = Callable[[Optional[int], Optional[str]], Optional[str]]  # (client port, broker user) -> stage
 
 
 def port_of_name(name: str | None) -> int | None:
@@ -154,7 +155,7 @@ class Attribution:
             self.own_ports.add(port)
             self.conns[pid] = Connection(name, port, None, own=True)
             return []
-        stage = self.resolver(port)
+        stage = self.resolver(port, h.get("user"))
         if stage is None and not expired:
             return None
         self.conns[pid] = Connection(name, port, stage, own=False)
@@ -188,7 +189,7 @@ class Attribution:
             if port in self.own_ports:
                 owner = Channel(conn_pid, None, own=True)
             else:
-                stage = self.resolver(port)
+                stage = self.resolver(port, h.get("user"))
                 if stage is None and not expired:
                     return None
                 owner = Channel(conn_pid, stage, own=False)

@@ -102,7 +102,22 @@ class ManagementClient:
         self._call("PUT", "vhosts", vhost, json={"tracing": on})
 
     def delete_vhost(self, vhost: str) -> None:
+        """Delete the vhost and the stage users made for it (``stage_user``)."""
         self._call("DELETE", "vhosts", vhost, ok=(200, 204, 404))
+        for user in self.users():
+            if user.startswith(stage_user(vhost, "")):
+                self.delete_user(user)
+
+    def create_user(self, user: str, password: str, vhost: str) -> None:
+        """A user with no tags and every permission on ``vhost`` only (a stage's own broker user)."""
+        self._call("PUT", "users", user, json={"password": password, "tags": ""})
+        self._call("PUT", "permissions", vhost, user, json={"configure": ".*", "write": ".*", "read": ".*"})
+
+    def delete_user(self, user: str) -> None:
+        self._call("DELETE", "users", user, ok=(200, 204, 404))
+
+    def users(self) -> list[str]:
+        return [u["name"] for u in self._call("GET", "users").json()]
 
     def vhosts(self) -> list[str]:
         return [v["name"] for v in self.vhost_records()]
@@ -124,6 +139,12 @@ class ManagementClient:
         """Close a connection by name; False when the API does not know it (yet, or any more)."""
         response = self._call("DELETE", "connections", name, headers={"X-Reason": reason}, ok=(200, 204, 404))
         return response.status_code != 404
+
+
+def stage_user(vhost: str, instance: str) -> str:
+    """The broker user of one stage instance in one test's vhost: the observer knows the stage by it
+    (a stage in a container or on another host is no process the harness can look into)."""
+    return f"{vhost}.{instance}"
 
 
 # --------------------------------------------------------------------------- vhost owners
@@ -200,10 +221,8 @@ class Broker:
     def connection_parameters(self, vhost: str = "/", **kwargs) -> pika.ConnectionParameters:
         kwargs.setdefault("connection_attempts", 3)
         kwargs.setdefault("retry_delay", 0.5)
-        return pika.ConnectionParameters(
-            host=self.host, port=self.amqp_port, virtual_host=vhost,
-            credentials=pika.PlainCredentials(self.user, self.password), **kwargs,
-        )
+        kwargs.setdefault("credentials", pika.PlainCredentials(self.user, self.password))
+        return pika.ConnectionParameters(host=self.host, port=self.amqp_port, virtual_host=vhost, **kwargs)
 
 
 # What a single-attempt BlockingConnection raises when the broker does not answer: a handshake that

@@ -56,6 +56,9 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
                               "own starts (a kill_stage restart included)",
         "conversion_priority": "list of tags of its CONVERSION_PRIORITY (workers; per-scan queues), first = "
                                "highest; [] = unset or empty: no filter, no per-scan priority",
+
+        "broker_user": "the broker user the instance logs in as (its own, made for this test's vhost): the "
+                       "observer attributes its connections by it",
     },
     "stage_exited": {"stage": "stage instance", "pid": "OS pid", "returncode": "exit code, negative = signal",
                      "expected": "true when the harness stopped or killed it on purpose",

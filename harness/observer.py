@@ -364,9 +364,10 @@ class Observer:
                 "create_slack": CREATE_SLACK}
 
     # ------------------------------------------------------------------ told by other threads
-    def register_stage(self, stage_name: str, pid: int) -> None:
-        """A stage instance was spawned as ``pid``; its connections (and its children's) are its own."""
-        self.recorder.put("stage", stage_name, pid)
+    def register_stage(self, stage_name: str, pid: int, user: str | None = None) -> None:
+        """A stage instance was spawned as ``pid`` with its own broker ``user``: its connections are
+        those of that user (else those of the process and its children)."""
+        self.recorder.put("stage", stage_name, pid, user)
 
     def add_queue(self, queue: str) -> None:
         """Sample ``queue`` too (and trace its deliveries) from the next tick on."""

@@ -1,7 +1,16 @@
-"""Which stage owns a client port to the broker, asked of the OS with psutil.
+"""Which stage owns a connection to the broker: by the stage's own broker user, else by its client port.
 
-One implementation of attribution's resolver (``port -> stage | None``). Not
-thread-safe: the observer's recorder thread is its only user.
+Each stage instance the harness starts logs in as a user of its own
+(harness.broker.stage_user), so its connections are known by that user
+wherever it runs: a child process, a container, another host. Connections of
+other users (the harness's own, or an engine configured some other way) are
+looked up by client port in the OS with psutil: the process tree of each
+registered stage, and this process. What the port look-up already knows is
+the cross-check: a user's connection whose port an earlier look-up found in
+another stage's process tree is counted in ``mismatches``.
+
+One implementation of attribution's resolver (``(port, user) -> stage |
+None``). Not thread-safe: the observer's recorder thread is its only user.
 """
 from __future__ import annotations
 
@@ -21,12 +30,16 @@ class PortResolver:
         # How long a failed look-up is believed: the stage may not have registered its PID yet.
         self.negative_ttl = negative_ttl
         self.stage_pids: dict[str, int] = {}
+        self.stage_users: dict[str, str] = {}  # broker user -> stage instance
+        self.mismatches: list[tuple[int, str, str]] = []  # (port, stage by user, stage by process tree)
         self.skip: set[int] = set()  # the observer's own ports: never cached
         self._cache: dict[int, tuple[str | None, float]] = {}  # port -> (stage, believed until)
 
-    def register(self, stage: str, pid: int) -> None:
-        """A stage instance was spawned as ``pid``; its connections (and its children's) are its own."""
+    def register(self, stage: str, pid: int, user: str | None = None) -> None:
+        """A stage instance was spawned as ``pid`` logging in as ``user``: its connections are its own."""
         self.stage_pids[stage] = pid
+        if user:
+            self.stage_users[user] = stage
         # Forget failed look-ups: they may belong to this new process.
         self._cache = {p: v for p, v in self._cache.items() if v[0] is not None}
 
@@ -39,8 +52,22 @@ class PortResolver:
         """Take ``port`` as ``stage``'s without asking the OS (for tests and benchmarks)."""
         self._cache[port] = (stage, float("inf"))
 
-    def __call__(self, port: int | None) -> str | None:
-        """Stage owning client port ``port``: HARNESS for this process, None when unknown."""
+    def __call__(self, port: int | None, user: str | None = None) -> str | None:
+        """Stage owning the connection: by its ``user`` when that is a stage's, else by client ``port``
+        (HARNESS for this process); None when unknown."""
+        by_user = self.stage_users.get(user) if user else None
+        if by_user is not None:
+            self._cross_check(port, by_user)
+            return by_user
+        return self._by_port(port)
+
+    def _cross_check(self, port: int | None, stage: str) -> None:
+        """Where the process tree also knows the port (a local child process), it must agree."""
+        hit = self._cache.get(port) if port is not None else None
+        if hit is not None and hit[0] is not None and hit[0] != stage:
+            self.mismatches.append((port, stage, hit[0]))
+
+    def _by_port(self, port: int | None) -> str | None:
         if port is None:
             return None
         now = time.monotonic()

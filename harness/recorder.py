@@ -34,9 +34,9 @@ class StageResolver(Protocol):
 
     skip: set[int]
 
-    def __call__(self, port: Optional[int]) -> Optional[str]: ...
+    def __call__(self, port: Optional[int], user: Optional[str] = None) -> Optional[str]: ...
 
-    def register(self, stage: str, pid: int) -> None: ...
+    def register(self, stage: str, pid: int, user: Optional[str] = None) -> None: ...
 
     def forget(self, port: Optional[int]) -> None: ...
 
@@ -146,8 +146,8 @@ class Recorder:
         self.record("sample", t, ready=ready, firehose_backlog=backlog)
         self.view.apply_sample(ready, backlog)
 
-    def on_stage(self, stage: str, pid: int) -> None:
-        self.resolver.register(stage, pid)
+    def on_stage(self, stage: str, pid: int, user: str | None = None) -> None:
+        self.resolver.register(stage, pid, user)
 
     def on_queue(self, name: str) -> None:
         self.view.add_queue(name, traced=name not in self.output_queues)

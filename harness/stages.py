@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from typing import Any
 
 import tomli_w
 
+from harness.broker import stage_user
 from harness.history import HistoryWriter
 from harness.scenario import MAX_BACKOFF, Restart
 
@@ -223,20 +225,33 @@ class StageLauncher:
         self.default_restart = default_restart or Restart()
         self.say = progress or (lambda text: None)
         self.processes: dict[str, StageProcess] = {}
+        self._users: dict[str, tuple[str, str]] = {}  # instance -> its broker user and password
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ start
     def argv(self, kind: str) -> list[str]:
         return [part.replace("{stage}", kind) for part in self.template]
 
-    def config(self) -> dict[str, Any]:
+    def config(self, instance: str | None = None) -> dict[str, Any]:
+        """The engine's TOML config; with ``instance``, that instance's own broker user."""
+        user, password = self.stage_user(instance) if instance else (self.broker.user, self.broker.password)
         return {"amqp": {
             "AMQP_HOST": self.broker.host,
             "AMQP_PORT": int(self.broker.amqp_port),
-            "AMQP_USER": self.broker.user,
-            "AMQP_PWD": self.broker.password,
+            "AMQP_USER": user,
+            "AMQP_PWD": password,
             "AMQP_VHOST": self.vhost,
         }}
+
+    def stage_user(self, instance: str) -> tuple[str, str]:
+        """The instance's own broker user (made once; deleted with the vhost): the observer ties the
+        instance's connections to it by that user, wherever the instance runs."""
+        with self._lock:
+            if instance not in self._users:
+                user, password = stage_user(self.vhost, instance), secrets.token_urlsafe(18)
+                self.broker.management.create_user(user, password, self.vhost)
+                self._users[instance] = (user, password)
+            return self._users[instance]
 
     def environment(self, stage, config_path: Path) -> dict[str, str]:
         # The harness's own environment must not steer the stage to another broker or queue set:
@@ -270,7 +285,7 @@ class StageLauncher:
                 if name in self.processes and self.processes[name].alive:
                     raise StageStartError(f"stage {name} is already running (pid {self.processes[name].pid})")
             config_path = self.stage_dir / f"{name}.toml"
-            config_path.write_text(tomli_w.dumps(self.config()), encoding="utf-8")
+            config_path.write_text(tomli_w.dumps(self.config(name)), encoding="utf-8")
             proc = StageProcess(name, stage.name, stage.kind, self.argv(stage.kind), {}, self.stage_dir / f"{name}.log",
                                 config_path, stage)
             proc.env = self.environment(stage, config_path)
@@ -303,15 +318,16 @@ class StageLauncher:
         proc.expect_exit = False
         proc.restart_due = None
         _register_group(proc.pid)
+        user = self._users.get(proc.name, (None,))[0]
         if self.observer is not None:
-            self.observer.register_stage(proc.name, proc.pid)
+            self.observer.register_stage(proc.name, proc.pid, user)
         with self._lock:
             self.processes[proc.name] = proc
         stage = proc.stage
         self.history.record("stage_started", stage=proc.name, role=proc.role, kind=proc.kind, pid=proc.pid,
                             queue_priority=list(stage.priority), read_queues=list(stage.read_queues),
                             command=proc.argv, log=str(proc.log_path), supervisor_restart=supervisor_restart,
-                            conversion_priority=list(stage.conversion_priority))
+                            conversion_priority=list(stage.conversion_priority), broker_user=user)
 
     # ------------------------------------------------------------------ watch
     def poll(self, include_expected: bool = False) -> list[StageExit]:

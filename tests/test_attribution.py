@@ -23,11 +23,11 @@ class Resolver:
         self.registered: list[tuple[str, int]] = []
         self.asked: list[int | None] = []
 
-    def __call__(self, port):
+    def __call__(self, port, user=None):
         self.asked.append(port)
         return self.ports.get(port)
 
-    def register(self, stage, pid):
+    def register(self, stage, pid, user=None):
         self.registered.append((stage, pid))
 
     def forget(self, port):
@@ -308,7 +308,7 @@ def test_a_marker_put_while_the_recorder_is_applying_an_event_is_recorded():
     nemesis_may_run, nemesis_done = threading.Event(), threading.Event()
 
     class SlowResolver(Resolver):
-        def __call__(self, port):
+        def __call__(self, port, user=None):
             if not nemesis_may_run.is_set():
                 nemesis_may_run.set()
                 assert nemesis_done.wait(5)
@@ -366,7 +366,7 @@ def test_a_recorded_run_replays_the_same_when_the_stages_register_late():
     clock = [T0]
 
     class LateResolver(Resolver):
-        def __call__(self, port):
+        def __call__(self, port, user=None):
             return self.ports.get(port) if clock[0] >= known_from.get(port, float("inf")) else None
 
     att = Attribution(data["vhost"], data["own_prefix"], LateResolver(ports), attribution_timeout=1.0)
@@ -381,3 +381,13 @@ def test_a_recorded_run_replays_the_same_when_the_stages_register_late():
     records += att.advance(clock[0] + 0.5)
     assert sorted([r[0], str(r[2].get("stage")), str(r[2].get("queue"))] for r in records) == sorted(
         [t, str(s), str(q)] for t, s, q in data["expected"])
+
+
+def test_a_stage_is_known_by_its_own_broker_user_without_asking_the_os():
+    from harness.port_resolver import PortResolver
+    resolver = PortResolver(broker_port=5672, own_pid=1)
+    resolver.register("worker#2", pid=999999, user="qp-gw0-1234.worker#2")
+    assert resolver(40001, "qp-gw0-1234.worker#2") == "worker#2"
+    resolver.remember(40002, "explorer")  # the port is also known from the process tree, as another stage's
+    assert resolver(40002, "qp-gw0-1234.worker#2") == "worker#2"
+    assert resolver.mismatches == [(40002, "worker#2", "explorer")]

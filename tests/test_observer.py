@@ -50,6 +50,26 @@ def wait_until(predicate, timeout=10.0):
     return predicate()
 
 
+def test_a_detached_stage_is_attributed_by_its_own_broker_user(make_observer, make_launcher, history, broker, vhost):
+    """A stage outside the launched process's tree (harness.detach, as docker run or ssh give) is known by
+    the broker user the harness made for it; the user goes with the vhost."""
+    import psutil
+    observer = make_observer(["qa"])
+    stages = make_launcher(command=[sys.executable, "-m", "harness.detach", *FAKE_STAGE], observer=observer)
+    [proc] = stages.start(Stage(name="w1", kind="worker", queue_priority=["qa"]))
+    assert observer.wait_for_consumers("w1", {"qa"}, timeout=20) == {"qa"}, proc.tail()
+    [started] = of(history, "stage_started", stage="w1")
+    assert started["broker_user"] == f"{vhost.name}.w1"
+    [conn] = of(history, "connection_created", stage="w1")
+    # The management API lists a connection some time after the broker's event says it exists.
+    owners = wait_until(lambda: {c["name"]: c["user"] for c in broker.management.connections(vhost.name)
+                                 if c["name"] == conn["name"]})
+    assert owners[conn["name"]] == started["broker_user"]
+    assert not psutil.Process(proc.pid).children(recursive=True), "the engine should not be the wrapper's child"
+    stages.stop_all(grace=5)
+    assert observer.wait_for(lambda: not observer.consumers_of("w1"), timeout=10)
+
+
 def test_events_are_attributed_to_the_stage(make_observer, make_launcher, history):
     observer = make_observer(["qa", "qb"])
     stages = make_launcher(observer=observer)

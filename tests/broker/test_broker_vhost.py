@@ -96,3 +96,18 @@ def test_local_broker_listens_on_loopback_only_and_not_as_guest(broker):
     assert set(listening) <= {"127.0.0.1", "::1"}
     assert broker.user != "guest"
     assert [u["name"] for u in broker.management.session.get(broker.management._url("users")).json()] == [broker.user]
+
+
+def test_a_stage_user_may_use_its_vhost_only_and_goes_with_it(vhost_factory, broker):
+    from harness.broker import stage_user
+    mine, other = vhost_factory("mine"), vhost_factory("other")
+    user = stage_user(mine.name, "worker#2")
+    broker.management.create_user(user, "pw-of-the-stage", mine.name)
+    credentials = pika.PlainCredentials(user, "pw-of-the-stage")
+    connection = pika.BlockingConnection(broker.connection_parameters(mine.name, credentials=credentials))
+    connection.close()
+    with pytest.raises(pika.exceptions.AMQPConnectionError):  # access refused to the other vhost
+        pika.BlockingConnection(broker.connection_parameters(other.name, credentials=credentials,
+                                                             connection_attempts=1))
+    broker.management.delete_vhost(mine.name)
+    assert user not in broker.management.users()
