@@ -7,7 +7,9 @@
 - ``render_timeline(history, results, path)``: PNG (matplotlib, Agg). Top: ready count per queue.
   Below: one lane per stage, one row per queue it may consume, a bar while it held a consumer;
   violations shaded red and labelled with the clause id; faults as dashed lines; a stage's own
-  exits and its supervisor's restarts (``lane_marks``) as marks on its lane.
+  exits and its supervisor's restarts (``lane_marks``) as marks on its lane. With per-scan queues, a
+  middle panel (``per_scan_rows``) has one row per queue, coloured by its tag: a bar while it was live,
+  its announcements (scan start, re-broadcasts, hello replies, faults) and its deletion as marks.
 """
 from __future__ import annotations
 
@@ -152,6 +154,66 @@ def lane_marks(sv) -> list[tuple[float, str, str]]:
 
 MARK_STYLE = {"exit": {"marker": "X", "color": "#b00020"}, "restart": {"marker": ">", "color": "#1b5e20"}}
 
+# One colour per per-scan tag, in sorted tag order (delta, full, then any forced tags).
+TAG_PALETTE = ("#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#00838f", "#ad1457")
+# Marks on a per-scan queue's row: its announcements by reason, and its deletion.
+PS_MARK_STYLE = {
+    "scan_start": {"marker": "v", "ms": 8},
+    "fault": {"marker": "*", "ms": 10, "color": "#6a1b9a"},
+    "rebroadcast": {"marker": "|", "ms": 7},
+    "hello_reply": {"marker": ".", "ms": 6},
+    "delete": {"marker": "X", "ms": 8, "color": "#212121"},
+}
+MAX_PS_ROWS = 16
+
+
+def tag_colours(tags) -> dict[str, str]:
+    return {tag: TAG_PALETTE[i % len(TAG_PALETTE)] for i, tag in enumerate(sorted(set(tags)))}
+
+
+def per_scan_rows(ctx) -> list[dict[str, Any]]:
+    """One row per announced per-scan queue, in order of first announcement: its tag, the spans it was
+    live and its marks (time, kind, label): announcements by reason, and the admin's deletion."""
+    from harness.checkers.ps import per_scan
+
+    queues = per_scan(ctx).queues
+    rows: dict[str, dict[str, Any]] = {}
+    for ev in ctx.history.of("ps_announce"):
+        q = queues.get(ev.get("queue"))
+        if q is None:
+            continue
+        row = rows.setdefault(q.name, {"queue": q.name, "tag": q.tag, "live": list(q.live), "marks": []})
+        row["marks"].append((ev["t"], ev.get("reason") or "scan_start", ev.get("reason") or ""))
+    for ev in ctx.history.of("ps_delete"):
+        if ev.get("queue") in rows:
+            rows[ev["queue"]]["marks"].append((ev["t"], "delete", f"deleted ({ev.get('reason')})"))
+    for row in rows.values():
+        row["marks"].sort()
+    return list(rows.values())
+
+
+def _draw_per_scan(ax, rows: list[dict[str, Any]], t0: float, colours: dict[str, str]) -> None:
+    """The per-scan panel: a bar per queue while it was live, in its tag's colour, with its marks."""
+    shown = rows[:MAX_PS_ROWS]
+    for y, row in enumerate(shown):
+        colour = colours.get(row["tag"], "#777777")
+        ax.broken_barh([(a - t0, max(b - a, 0.05)) for a, b in row["live"]], (y + 0.25, 0.5),
+                       facecolors=colour, alpha=0.3, edgecolor="none")
+        for t, kind, label in row["marks"]:
+            style = {"color": colour, **PS_MARK_STYLE.get(kind, PS_MARK_STYLE["scan_start"])}
+            ax.plot([t - t0], [y + 0.5], ls="none", **style)
+            if kind == "delete":
+                ax.annotate(label, (t - t0, y + 0.5), xytext=(5, -3), textcoords="offset points", fontsize=7)
+    ax.set_yticks([y + 0.5 for y in range(len(shown))])
+    ax.set_yticklabels([f"[{r['tag']}] {r['queue']}" for r in shown], fontsize=8)
+    for label, row in zip(ax.get_yticklabels(), shown):
+        label.set_color(colours.get(row["tag"], "#333333"))
+    ax.set_ylim(len(shown), 0)
+    ax.grid(True, axis="x", alpha=0.3)
+    if len(rows) > len(shown):
+        ax.text(0.995, 0.02, f"+{len(rows) - len(shown)} more per-scan queues", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7)
+
 
 def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
                     windows: Windows | None = None, title: str | None = None) -> Path:
@@ -180,6 +242,10 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     plot_queues = (prio_queues + sorted(extra))[:12]
     cmap = plt.get_cmap("tab10" if len(plot_queues) <= 10 else "tab20")
     colour = {q: cmap(i % cmap.N) for i, q in enumerate(plot_queues)}
+    ps_rows = per_scan_rows(ctx)
+    ps_tag = {r["queue"]: r["tag"] for r in ps_rows}
+    tag_colour = tag_colours(ps_tag.values())
+    colour.update({q: tag_colour[tag] for q, tag in ps_tag.items()})
 
     # lanes: per stage, one row per priority queue (q0 on top), plus one for other consumed queues
     lanes = []
@@ -188,9 +254,13 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         others = sorted({c.queue for c in sv.consumers if c.queue not in rows and not str(c.queue).startswith("amq.")})
         lanes.append((sv, rows + others))
     n_rows = sum(max(len(r), 1) for _, r in lanes) + max(len(lanes) - 1, 0)
-    fig_h = 3.2 + 0.28 * n_rows + 0.6
-    fig, (ax_q, ax_s) = plt.subplots(2, 1, figsize=(13, fig_h), sharex=True,
-                                     gridspec_kw={"height_ratios": [3.2, max(0.28 * n_rows, 0.8)]})
+    ps_height = 0.28 * min(len(ps_rows), MAX_PS_ROWS) + 0.3 if ps_rows else 0.0
+    fig_h = 3.2 + 0.28 * n_rows + 0.6 + ps_height
+    ratios = [3.2] + ([ps_height] if ps_rows else []) + [max(0.28 * n_rows, 0.8)]
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(13, fig_h), sharex=True, gridspec_kw={"height_ratios": ratios})
+    ax_q, ax_s = axes[0], axes[-1]
+    if ps_rows:
+        _draw_per_scan(axes[1], ps_rows, t0, tag_colour)
     failed = [r.clause for r in results if r.failed]
     fig.suptitle(title or f"{history.of('run_started')[0].get('scenario', '') if history.of('run_started') else ''}"
                  f"  —  {'FAILED: ' + ', '.join(failed) if failed else 'no violations'}"
@@ -202,7 +272,9 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         if not xs:
             continue
         xs, ys = _thin(xs, ys)
-        ax_q.step([x - t0 for x in xs], ys, where="post", color=colour[q], lw=1.4, label=q)
+        label = f"[{ps_tag[q]}] {q}" if q in ps_tag else q
+        ax_q.step([x - t0 for x in xs], ys, where="post", color=colour[q], lw=1.4, label=label,
+                  ls="--" if q in ps_tag and list(ps_tag).index(q) % 2 else "-")
     ax_q.set_ylabel("ready messages")
     ax_q.grid(True, alpha=0.3)
 
@@ -217,7 +289,7 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         for q in rows or ["(none)"]:
             row_y[q] = y
             yticks.append(y + 0.4)
-            rank = f"q{sv.priority.index(q)}" if q in sv.priority else "--"
+            rank = f"q{sv.priority.index(q)}" if q in sv.priority else ps_tag.get(q, "--")
             ylabels.append(f"{sv.name}  [{rank}] {q}")
             y += 1
         lane_y[sv.name] = (top, y)
@@ -245,12 +317,12 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
 
     # faults and teardown
     for ev in history.of("fault"):
-        for ax in (ax_q, ax_s):
+        for ax in axes:
             ax.axvline(ev["t"] - t0, color="#6a1b9a", ls="--", lw=1)
         ax_q.annotate(f"{ev.get('kind')} {ev.get('target') or ''}", (ev["t"] - t0, 1.0), xycoords=("data", "axes fraction"),
                       rotation=90, va="top", ha="right", fontsize=7, color="#6a1b9a")
     if ctx.teardown < ctx.end:
-        for ax in (ax_q, ax_s):
+        for ax in axes:
             ax.axvline(ctx.teardown - t0, color="#444444", ls=":", lw=1)
 
     # violations: shade the rows of the queues a finding names (the whole lane if none), label the
@@ -316,4 +388,4 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     return path
 
 
-__all__ = ["format_failure", "format_finding", "format_summary", "render_timeline", "TITLES"]
+__all__ = ["format_failure", "format_finding", "format_summary", "per_scan_rows", "render_timeline", "TITLES"]

@@ -569,7 +569,8 @@ def check_hello(ctx: Context) -> ClauseResult:
     """Rule, per worker; its hellos are the hello events naming it or a command queue (amq.gen-…) it
     consumed:
     (a) every connection of the worker that lasted W (a consumer on a command queue) is followed within W
-        by a hello naming that command queue;
+        by a hello naming that command queue (not judged within {FAULT_EFFECT_WINDOW} s after a
+        restart_broker fault, when the admin itself reconnects);
     (b) per hello at h whose reply named live queues allowed for it: it holds a consumer on each of them
         still live at the deadline at some instant of [h, h + W]; when the reply also named a queue that
         no longer existed (stale) and its connection dropped within W, of [h, h' + W] instead, h' its
@@ -624,10 +625,13 @@ def _silent_connections(ctx: Context, hellos: list[dict]) -> list[Finding]:
     named: dict[str, float] = {}
     for h in hellos:
         named.setdefault(h.get("command_queue"), h["t"])
+    # the admin may miss a hello while the broker restarts (it reconnects too)
+    restarts = [f["t"] for f in ctx.history.of("fault") if f.get("kind") == "restart_broker"]
     findings = []
     for sv in _workers(ctx):
         silent = [c for c in sv.consumers if str(c.queue).startswith("amq.gen-") and c.end - c.start >= W
-                  and c.start + W <= ctx.teardown and not (c.start - 1 <= named.get(c.queue, -1e18) <= c.start + W)]
+                  and c.start + W <= ctx.teardown and not (c.start - 1 <= named.get(c.queue, -1e18) <= c.start + W)
+                  and not _near_fault(restarts, c.start, c.start + W)]
         if silent:
             c = silent[0]
             more = f" ({len(silent)} connections in all)" if len(silent) > 1 else ""
