@@ -7,8 +7,10 @@ windows W and G. A per-scan queue is **live** from an announcement at which it e
 live. A worker's tags are its ``stage_started.conversion_priority``; an empty list allows every tag and
 sets no per-scan priority.
 
-An engine that never consumed any announced per-scan queue (one that predates them, 3.26) leaves every
-PS clause not exercised: there is nothing to judge, and nothing it did is wrong by these rules.
+An engine that never consumed any announced per-scan queue and never sent a worker_hello (one that
+predates them, 3.26) leaves every PS clause not exercised: there is nothing to judge, and nothing it
+did is wrong by these rules. A hello alone is enough to judge: a worker caught in a reconnect storm
+from its first hello may never hold a per-scan consumer.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from harness.checkers._common import (
-    CREATE_SLACK, DECISIVE_WINDOWS, Context, Interval, covers, intersect, longer_than, merge, subtract,
+    CREATE_SLACK, DECISIVE_WINDOWS, EXPLAIN_SLACK, Context, Interval, covers, intersect, longer_than, merge, subtract,
 )
 from harness.checkers.ft import FAULT_EFFECT_WINDOW, _exit_between, _first_silence
 from harness.checkers.model import ClauseResult, Finding
@@ -50,7 +52,7 @@ class PerScan:
     """The per-scan view of a run, built once per Context."""
 
     queues: dict[str, PerScanQueue]
-    consumed: bool                     # some stage consumed an announced queue
+    engaged: bool                      # some stage consumed an announced queue, or a worker said hello
     unattributed: dict[str, list[Interval]]  # per-scan queue -> consumers the observer could not attribute
     owner: dict[str, str]              # command queue -> the stage consuming it
     connected: dict[str, list[Interval]]  # stage -> from its first consumer after a (re)start/drop to the next drop
@@ -82,12 +84,14 @@ def _build(ctx: Context) -> PerScan:
         q.work = intersect(ctx.levels.pos.get(q.name, []), q.live)
     consumed = any(c.queue in queues for sv in ctx.stages.values() for c in sv.consumers)
     unattributed = _unattributed(ctx, queues)
-    consumed = consumed or bool(unattributed)
+    # A worker caught in a reconnect storm from its first hello may never hold a per-scan consumer; its
+    # hellos still show an engine that knows per-scan queues (a 3.26 engine sends none).
+    engaged = consumed or bool(unattributed) or bool(h.of("hello"))
     owner = {c.queue: sv.name for sv in ctx.stages.values() for c in sv.consumers
              if str(c.queue).startswith("amq.gen-")}
     connected = {sv.name: _connected(sv, ctx.teardown) for sv in ctx.stages.values()}
     running = {sv.name: _running(sv, ctx.teardown, ctx.windows.G) for sv in ctx.stages.values()}
-    return PerScan(queues, consumed, unattributed, owner, connected, running)
+    return PerScan(queues, engaged, unattributed, owner, connected, running)
 
 
 def _unattributed(ctx: Context, queues) -> dict[str, list[Interval]]:
@@ -112,8 +116,8 @@ def _unattributed(ctx: Context, queues) -> dict[str, list[Interval]]:
 
 
 def _live(ctx: Context, q: PerScanQueue) -> list[Interval]:
-    """From an announcement at which the queue exists to its deletion. After a ps_delete, only the
-    announcement of a new scan opens it again (a fault may announce a queue that is gone)."""
+    """From an announcement at which the queue exists (a scan_start one: always) to its deletion. After a
+    ps_delete, only the announcement of a new scan opens it again (a fault may announce a queue that is gone)."""
     ends = sorted([e["t"] for e in q.deletes] +
                   [e["t"] for e in ctx.history.of("queue_deleted") if e.get("queue") == q.name])
     out: list[Interval] = []
@@ -126,7 +130,9 @@ def _live(ctx: Context, q: PerScanQueue) -> list[Interval]:
         deleted = deleted or any(e["t"] <= t for e in q.deletes)
         if deleted and ev.get("reason") != "scan_start":
             continue
-        if ctx.levels.exists_at(q.name, t) is False:
+        # the admin declared a new scan's queue just before announcing it (the broker's queue.created may
+        # be stamped later); any other announcement opens the queue only if it exists
+        if ev.get("reason") != "scan_start" and ctx.levels.exists_within(q.name, t - EXPLAIN_SLACK, t + EXPLAIN_SLACK) is False:
             continue
         i = bisect.bisect_right(ends, t)
         open_until = ends[i] if i < len(ends) else ctx.end
@@ -192,7 +198,7 @@ def _gate(ctx: Context, clause_id: str) -> ClauseResult | None:
     ps = per_scan(ctx)
     if not ps.queues:
         return ClauseResult(clause_id, "not_exercised", NOT_ANNOUNCED)
-    if not ps.consumed:
+    if not ps.engaged:
         return ClauseResult(clause_id, "not_exercised", NOT_CONSUMED)
     return None
 

@@ -27,8 +27,10 @@ def end(hb, t):
 
 
 def test_every_ps_clause_is_not_exercised_when_the_engine_never_consumes_a_per_scan_queue():
-    # a 3.26 engine: queues announced, hellos unanswered by any worker, it consumes its static queue only
-    hb = base().consume(2, "worker", "os2ds_conversions").levels(0, 60, {Q7: [(10, 50)], Q8: [(10, 50)]})
+    # a 3.26 engine: queues announced, no worker_hello, it consumes its static queue only
+    hb = HB().ps_stage(0, "worker", ("delta",)).ps_stage(0, "explorer", kind="explorer")
+    hb.announce(10, Q7, "delta").announce(10, Q8, "full")
+    hb.consume(2, "worker", "os2ds_conversions").levels(0, 60, {Q7: [(10, 50)], Q8: [(10, 50)]})
     hb.ps_delete(40, Q7)
     results = check_all(end(hb, 60).history(), None, WINDOWS, clauses=PS_CLAUSES)
     assert [(r.clause, r.outcome, r.exercised) for r in results] == [
@@ -293,6 +295,22 @@ def test_hello_fails_on_a_reconnect_storm_over_a_stale_queue():
     assert any(t.startswith(f"worker reconnected 8 times after hello replies naming {Q6}, which no longer existed")
                for t in texts), texts
     assert "worker sent 10 worker_hellos within 60 s (+1.2..+33.2 s): a reconnect storm (at most 3 in any 60 s)." in texts
+
+
+def test_hello_judges_a_worker_that_storms_from_its_first_hello_and_never_consumes():
+    # the stale Q6 is named first: the worker never gets to a per-scan consumer, yet it said hello
+    hb = HB().announce(3, Q6, "full").ps_delete(5, Q6).announce(10, Q7, "full").ps_stage(10.8, "worker", (), connect=0.2)
+    t = 11.0
+    for _ in range(12):
+        hb.hello(t, "worker", (Q6, Q7)).conn_closed(t + 0.1, "worker").connect(t + 0.2, "worker")
+        t += 0.25
+    r = judge(end(hb.hello(t, "worker", (Q6, Q7)).levels(0, 40, {Q7: [(10, 30)]}), 40), "PS-HELLO")
+    assert r.outcome == "failed"
+    assert [f.explanation.split(" (")[0] for f in r.findings] == [
+        "worker said hello at +11.0 s",
+        f"worker reconnected 12 times after hello replies naming {Q6}, which no longer existed",
+        "worker sent 13 worker_hellos within 60 s"]
+    assert judge(end(hb, 40), "PS-PROGRESS").outcome == "failed"
 
 
 def test_hello_fails_when_a_connection_says_no_hello():
