@@ -76,7 +76,9 @@ def _build(ctx: Context) -> PerScan:
     h = ctx.history
     queues: dict[str, PerScanQueue] = {}
     for ev in h.of("ps_announce"):
-        q = queues.setdefault(ev.get("queue"), PerScanQueue(ev.get("queue"), ev.get("tag")))
+        if not ev.get("queue"):
+            continue
+        q = queues.setdefault(ev["queue"], PerScanQueue(ev["queue"], ev.get("tag") or ""))
         q.tag = ev.get("tag") or q.tag
     for q in queues.values():
         q.deletes = [e for e in h.of("ps_delete") if e.get("queue") == q.name]

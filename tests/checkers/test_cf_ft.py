@@ -500,3 +500,16 @@ def test_bad_command_not_exercised_without_the_fault_or_without_work_after_it():
     r = judge(bad_command(work_until=12, deliver_until=12), "FT-BAD-COMMAND")
     assert r.outcome == "not_exercised" and "only 1.9 s of work in worker's queues after the malformed commands" \
         in r.exercised
+
+
+def test_cf_tags_is_applied_by_the_lint_command(tmp_path, capsys):
+    from harness.cli import main
+
+    path = tmp_path / "tags.yaml"
+    path.write_text("name: tags\nclients: [{name: a, per_scan: true}]\n"
+                    "stages: [{name: e, kind: explorer}, {name: w, kind: worker, conversion_priority: delta}]\n"
+                    "workload: [{client: a, mode: full}]\n")
+    assert main(["lint", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "CF-TAGS failed" in out.splitlines()[0]
+    assert out.splitlines()[1].endswith(f"[{path}: clients.0.per_scan]")
