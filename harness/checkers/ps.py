@@ -421,7 +421,8 @@ def check_progress(ctx: Context) -> ClauseResult:
     """Rule, per live per-scan queue q with tag t: P = where q was observed non-empty while live, before
     teardown; F = where some worker allowing t was running (from its first consumer to its exit, less up to
     G after each connection drop while it reconnects: a worker wedged on a closed channel stays running),
-    not paused by a fault, and no live queue of a tag higher than t in its CONVERSION_PRIORITY was
+    knew of q (an announcement of q, broadcast or a hello reply to it, reached its current connection),
+    was not paused by a fault, and no live queue of a tag higher than t in its CONVERSION_PRIORITY was
     observed non-empty (it had nothing better to do).
     Within the intervals of P ∩ F longer than W, a stretch longer than W in which no such free worker
     held a consumer on q (consumers the observer could not attribute count as held; a delivery from q
@@ -436,7 +437,7 @@ def check_progress(ctx: Context) -> ClauseResult:
     for e in ctx.history.of("deliver"):
         delivered.setdefault(e.get("queue"), []).append(e["t"])
     for q in ps.queues.values():
-        free = {sv.name: _free(ctx, ps, sv, q.tag) for sv in _workers(ctx) if _allowed(sv, q.tag)}
+        free = {sv.name: _free(ctx, ps, sv, q) for sv in _workers(ctx) if _allowed(sv, q.tag)}
         P = intersect(q.work, [(ctx.start, ctx.teardown)])
         owed = longer_than(intersect(P, merge(iv for ivs in free.values() for iv in ivs)), W)
         judged += len(owed)
@@ -460,10 +461,31 @@ def check_progress(ctx: Context) -> ClauseResult:
                    "was running and free of higher-tag work")
 
 
-def _free(ctx: Context, ps: PerScan, sv, tag: str) -> list[Interval]:
-    """Where the worker was running, not paused, and had no ready work of a tag higher than ``tag``."""
-    busy = ps.work_of(ps.by_tags(_higher(sv, tag)))
-    return subtract(subtract(ps.running[sv.name], sv.excused), busy)
+def _free(ctx: Context, ps: PerScan, sv, q: PerScanQueue) -> list[Interval]:
+    """Where the worker was running, knew of ``q``, was not paused, and had no ready work of a higher tag."""
+    busy = ps.work_of(ps.by_tags(_higher(sv, q.tag)))
+    return subtract(subtract(intersect(ps.running[sv.name], _informed(ctx, sv, q.name)), sv.excused), busy)
+
+
+def _informed(ctx: Context, sv, queue: str) -> list[Interval]:
+    """Where the worker knew of ``queue``: from the first announcement of it that reached its current
+    connection (a broadcast one, or a hello reply to its command queue) to its next connection, which
+    forgets every per-scan queue. Connections are its command queues (amq.gen-…); without any seen, its
+    starts. A reply the admin never sent (a hello lost while the broker restarted) informs nobody."""
+    cached = ctx.__dict__.setdefault("_ps_informed", {})
+    if (sv.name, queue) in cached:
+        return cached[(sv.name, queue)]
+    own = {c.queue: c.start for c in sv.consumers if str(c.queue).startswith("amq.gen-")}
+    conns = sorted(set(own.values())) or sorted(a for a, _ in sv.lives)
+    told = sorted(e["t"] for e in ctx.history.of("ps_announce")
+                  if e.get("queue") == queue and (e.get("to") == "broadcast" or e.get("to") in own))
+    out: list[Interval] = []
+    for c0, c1 in zip(conns, conns[1:] + [float("inf")]):
+        i = bisect.bisect_left(told, c0 - CREATE_SLACK)
+        if i < len(told) and told[i] < c1:
+            out.append((told[i], min(c1, ctx.end)))
+    cached[(sv.name, queue)] = out
+    return out
 
 
 def _busy(ctx: Context, ps: PerScan, sv, a: float, b: float) -> str:
@@ -478,9 +500,9 @@ def check_delete(ctx: Context) -> ClauseResult:
     """Rule, per ps_delete of queue q, timed from the broker's queue_deleted of q within
     {FAULT_EFFECT_WINDOW} s (else from the ps_delete itself), at td, for every worker alive at td
     (whether it was consuming q, had paused it, or never consumed it): (a) it does not exit before
-    teardown (an exit a kill_stage fault explains excepted); (b) while its other queues (its read queues
-    and the live per-scan queues it allows) had ready messages after td, outside pauses by a fault, it
-    receives a delivery at least every 2W. A (deletion, worker) pair counts as judged only when those
+    teardown (an exit a kill_stage fault explains excepted); (b) while its other queues (its read queues,
+    and the live per-scan queues it allows while it knew of them, as in PS-PROGRESS) had ready messages
+    after td, outside pauses by a fault, it receives a delivery at least every 2W. A (deletion, worker) pair counts as judged only when those
     queues held ready work for {DECISIVE_WINDOWS}W in all after td; a finding fails the clause either way.
     (c) A queue_created of q after td is a violation, unless the harness announced a new scan's queue
     of that name (reason scan_start) within {HARNESS_DECLARE_SLACK} s of it: only the admin declares a
@@ -523,14 +545,15 @@ def _judge_deletion(ctx: Context, ps: PerScan, q: PerScanQueue, td: float, sv, f
             f"{q.name} was deleted {how}.", sv.name, [q.name], td, ex["t"], [ex]))
     others = [x for x in sv.reads if x != q.name] + \
              [p.name for p in ps.queues.values() if p.name != q.name and _allowed(sv, p.tag)]
-    work = ctx.work_after(others, td)
+    spans = merge([iv for x in others if x not in ps.queues for iv in ctx.levels.pos.get(x, ())] +
+                  [iv for x in others if x in ps.queues for iv in intersect(ps.queues[x].work, _informed(ctx, sv, x))])
+    spans = subtract(intersect(spans, [(td, min(ctx.teardown, ctx.end))]), sv.excused)
+    work = _length(spans)
     short = None if work >= ctx.decisive else (
         f"only {work:.1f} s of work in its other queues after the deletion, the clause needs "
         f"{DECISIVE_WINDOWS}W = {ctx.decisive:g} s")
     if ex is not None or not ctx.history.of("deliver"):
         return short
-    spans = merge(iv for x in others for iv in (ps.queues[x].work if x in ps.queues else ctx.levels.pos.get(x, ())))
-    spans = subtract(intersect(spans, [(td, min(ctx.teardown, ctx.end))]), sv.excused)
     gap = _first_silence(_deliveries(ctx).get((sv.name, "*"), []), spans, 2 * ctx.windows.W)
     if gap:
         queue, ready = _max_ready(ctx, others, *gap)

@@ -179,6 +179,26 @@ def test_progress_fails_when_a_worker_is_wedged_on_a_closed_channel():
         "take it held a consumer on it: worker was consuming nothing.")
 
 
+def lost_hello(rebroadcast_at=None):
+    """The worker reconnects at 21 s; its hello is lost (the admin records none): until a re-broadcast
+    nothing tells its new connection of Q8."""
+    hb = base(tags=()).consume(11, "worker", Q7).consume(11, "worker", Q8)
+    hb.conn_closed(20, "worker").connect(21, "worker").levels(0, 50, {Q7: [(10, 0)], Q8: [(10, 80)]})
+    if rebroadcast_at is not None:
+        hb.announce(rebroadcast_at, Q8, "full", reason="rebroadcast")
+    return end(hb, 50)
+
+
+def test_progress_does_not_blame_a_worker_that_was_not_told_of_the_queue_since_it_reconnected():
+    r = judge(lost_hello(), "PS-PROGRESS")
+    assert r.outcome == "passed" and r.exercised == "1 windows with allowed per-scan work judged"
+
+
+def test_progress_blames_a_worker_a_re_broadcast_told_of_the_queue():
+    r = judge(lost_hello(rebroadcast_at=35), "PS-PROGRESS")
+    assert r.outcome == "failed" and "for 15.0 s (+35.0..+50.0 s)" in r.findings[0].explanation
+
+
 def test_progress_does_not_blame_a_worker_busy_with_a_higher_tag():
     hb = base().consume(11, "worker", Q7).levels(0, 40, {Q7: [(10, 50)], Q8: [(10, 80)]})
     r = judge(end(hb, 40), "PS-PROGRESS")
