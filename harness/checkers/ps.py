@@ -44,6 +44,7 @@ class PerScanQueue:
     tag: str
     live: list[Interval] = field(default_factory=list)
     work: list[Interval] = field(default_factory=list)  # observed non-empty while live
+    announces: list[dict] = field(default_factory=list)  # ps_announce events, in time order
     deletes: list[dict] = field(default_factory=list)   # ps_delete events
 
 
@@ -80,8 +81,11 @@ def _build(ctx: Context) -> PerScan:
             continue
         q = queues.setdefault(ev["queue"], PerScanQueue(ev["queue"], ev.get("tag") or ""))
         q.tag = ev.get("tag") or q.tag
+        q.announces.append(ev)
+    for ev in h.of("ps_delete"):
+        if ev.get("queue") in queues:
+            queues[ev["queue"]].deletes.append(ev)
     for q in queues.values():
-        q.deletes = [e for e in h.of("ps_delete") if e.get("queue") == q.name]
         q.live = _live(ctx, q)
         q.work = intersect(ctx.levels.pos.get(q.name, []), q.live)
     consumed = any(c.queue in queues for sv in ctx.stages.values() for c in sv.consumers)
@@ -125,9 +129,9 @@ def _live(ctx: Context, q: PerScanQueue) -> list[Interval]:
     out: list[Interval] = []
     open_until = float("-inf")
     deleted = False
-    for ev in ctx.history.of("ps_announce"):
+    for ev in q.announces:
         t = ev["t"]
-        if ev.get("queue") != q.name or t < open_until:
+        if t < open_until:
             continue
         deleted = deleted or any(e["t"] <= t for e in q.deletes)
         if deleted and ev.get("reason") != "scan_start":
@@ -477,8 +481,7 @@ def _informed(ctx: Context, sv, queue: str) -> list[Interval]:
         return cached[(sv.name, queue)]
     own = {c.queue: c.start for c in sv.consumers if str(c.queue).startswith("amq.gen-")}
     conns = sorted(set(own.values())) or sorted(a for a, _ in sv.lives)
-    told = sorted(e["t"] for e in ctx.history.of("ps_announce")
-                  if e.get("queue") == queue and (e.get("to") == "broadcast" or e.get("to") in own))
+    told = [e["t"] for e in per_scan(ctx).queues[queue].announces if e.get("to") == "broadcast" or e.get("to") in own]
     out: list[Interval] = []
     for c0, c1 in zip(conns, conns[1:] + [float("inf")]):
         i = bisect.bisect_left(told, c0 - CREATE_SLACK)
@@ -578,7 +581,7 @@ def _how_held(sv, queue: str, t: float) -> str:
 
 def _recreated(ctx: Context, q: PerScanQueue, td: float) -> list[Finding]:
     """(c): queue_created of the deleted queue after td that the harness's own scan_start does not explain."""
-    starts = [e["t"] for e in ctx.history.of("ps_announce") if e.get("queue") == q.name and e.get("reason") == "scan_start"]
+    starts = [e["t"] for e in q.announces if e.get("reason") == "scan_start"]
     for e in ctx.history.of("queue_created"):
         t = e["t"]
         if e.get("queue") != q.name or t <= td or any(t - CREATE_SLACK <= s <= t + HARNESS_DECLARE_SLACK for s in starts):
