@@ -165,6 +165,11 @@ PS_MARK_STYLE = {
     "delete": {"marker": "X", "ms": 8, "color": "#212121"},
 }
 MAX_PS_ROWS = 16
+MAX_PS_PLOTTED = 60  # per-scan queues drawn in the ready-count panel
+
+
+def _tag_row(tag: str) -> str:
+    return f"[{tag}] per-scan queues"
 
 
 def tag_colours(tags) -> dict[str, str]:
@@ -238,21 +243,27 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
             if q not in prio_queues:
                 prio_queues.append(q)
     series = _queue_series(history, None)
-    extra = [q for q, (_, ys) in series.items() if q not in prio_queues and any(y > 0 for y in ys if y == y)]
+    ps_rows = per_scan_rows(ctx)
+    ps_tag = {r["queue"]: r["tag"] for r in ps_rows}
+    busy = [q for q, (_, ys) in series.items() if any(y > 0 for y in ys if y == y)]
+    extra = [q for q in busy if q not in prio_queues and q not in ps_tag]
     plot_queues = (prio_queues + sorted(extra))[:12]
     cmap = plt.get_cmap("tab10" if len(plot_queues) <= 10 else "tab20")
     colour = {q: cmap(i % cmap.N) for i, q in enumerate(plot_queues)}
-    ps_rows = per_scan_rows(ctx)
-    ps_tag = {r["queue"]: r["tag"] for r in ps_rows}
+    # per-scan queues share their tag's colour (one legend entry per tag), so all of them fit
+    plot_queues += [q for q in ps_tag if q in busy][:MAX_PS_PLOTTED]
     tag_colour = tag_colours(ps_tag.values())
     colour.update({q: tag_colour[tag] for q, tag in ps_tag.items()})
 
-    # lanes: per stage, one row per priority queue (q0 on top), plus one for other consumed queues
+    # lanes: per stage, one row per priority queue (q0 on top), plus one for other consumed queues, plus one
+    # per tag for the per-scan queues it consumed (a scan's queue lives minutes: one row each would not fit)
     lanes = []
     for sv in stages:
         rows = list(sv.priority) or []
-        others = sorted({c.queue for c in sv.consumers if c.queue not in rows and not str(c.queue).startswith("amq.")})
-        lanes.append((sv, rows + others))
+        others = sorted({c.queue for c in sv.consumers if c.queue not in rows and c.queue not in ps_tag
+                         and not str(c.queue).startswith("amq.")})
+        tags = sorted({ps_tag[c.queue] for c in sv.consumers if c.queue in ps_tag})
+        lanes.append((sv, rows + others + [_tag_row(tag) for tag in tags]))
     n_rows = sum(max(len(r), 1) for _, r in lanes) + max(len(lanes) - 1, 0)
     ps_height = 0.28 * min(len(ps_rows), MAX_PS_ROWS) + 0.3 if ps_rows else 0.0
     fig_h = 3.2 + 0.28 * n_rows + 0.6 + ps_height
@@ -272,7 +283,10 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         if not xs:
             continue
         xs, ys = _thin(xs, ys)
-        label = f"[{ps_tag[q]}] {q}" if q in ps_tag else q
+        label = q
+        if q in ps_tag:  # one legend entry per tag: the panel below names each queue
+            first = next(p for p in plot_queues if ps_tag.get(p) == ps_tag[q])
+            label = f"[{ps_tag[q]}] per-scan queues" if q == first else "_nolegend_"
         ax_q.step([x - t0 for x in xs], ys, where="post", color=colour[q], lw=1.4, label=label,
                   ls="--" if q in ps_tag and list(ps_tag).index(q) % 2 else "-")
     ax_q.set_ylabel("ready messages")
@@ -289,16 +303,18 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         for q in rows or ["(none)"]:
             row_y[q] = y
             yticks.append(y + 0.4)
-            rank = f"q{sv.priority.index(q)}" if q in sv.priority else ps_tag.get(q, "--")
-            ylabels.append(f"{sv.name}  [{rank}] {q}")
+            rank = f"q{sv.priority.index(q)}" if q in sv.priority else "--"
+            ylabels.append(f"{sv.name}  {q}" if q.startswith("[") else f"{sv.name}  [{rank}] {q}")
             y += 1
+        row_y.update({q: row_y[_tag_row(tag)] for q, tag in ps_tag.items() if _tag_row(tag) in row_y})
         lane_y[sv.name] = (top, y)
         row_pos[sv.name] = row_y
         for c in sv.consumers:
             if c.queue not in row_y:
                 continue
             ax_s.broken_barh([(c.start - t0, max(c.end - c.start, 0.05))], (row_y[c.queue] + 0.1, 0.6),
-                             facecolors=colour.get(c.queue, "#777777"), edgecolor="none")
+                             facecolors=colour.get(c.queue, "#777777"), edgecolor="white" if c.queue in ps_tag else "none",
+                             lw=0.5)
             if c.reason == "cancel":
                 ax_s.plot([c.end - t0], [row_y[c.queue] + 0.4], marker="|", color="black", ms=8)
         for a, b in sv.excused:
@@ -360,7 +376,7 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         if stage is not None:
             top, bottom = lane_y[stage]
             rows = row_pos[stage]
-            hit = [rows[q] for q in rows_of[key] if q in rows]
+            hit = {rows[q] for q in rows_of[key] if q in rows}
             bands = [(y0, y0 + 1) for y0 in sorted(hit)] or [(top, bottom)]
             for y0, y1 in bands:
                 ax_s.fill_between([a, b], y0 - 0.02, y1 - 0.18, color="#e53935", alpha=0.22, lw=0)
