@@ -244,8 +244,10 @@ def _deliveries(ctx: Context) -> dict[tuple[str, str], list[float]]:
 
 
 def _serving_higher(ctx: Context, sv, tag: str, a: float, b: float) -> list[str]:
-    """The higher-tag queues the worker was serving in [a, b] while they had work (a consumer on one of
-    them, or deliveries from one in the window before): PS-PRECEDENCE lets it wait on ``tag``."""
+    """The higher-tag queues the worker was serving in [a, b]: it held a consumer on one while it had
+    ready messages, or received deliveries from one in [a - W, b] (the engine chooses by the deliveries
+    of its last window, which a trickle the sampler never sees non-empty still produces).
+    PS-PRECEDENCE lets it wait on ``tag`` then."""
     W = ctx.windows.W
     deliv = _deliveries(ctx)
     out = []
@@ -253,7 +255,7 @@ def _serving_higher(ctx: Context, sv, tag: str, a: float, b: float) -> list[str]
         times = deliv.get((sv.name, q.name), [])
         i = bisect.bisect_left(times, a - W)
         delivered = i < len(times) and times[i] <= b
-        if intersect(q.work, [(a, b)]) and (_holds(sv, q.name, a, b) or delivered):
+        if delivered or (intersect(q.work, [(a, b)]) and _holds(sv, q.name, a, b)):
             out.append(q.name)
     return out
 
@@ -332,8 +334,8 @@ def check_subscribe(ctx: Context) -> ClauseResult:
     throughout [a, a + W] holds a consumer on q at some instant of [a, a + W]. Not judged: q not live at
     a, or deleted before a + W; a + W after teardown; the worker paused by a fault then; q with
     consumers the observer could not attribute. A worker serving a higher tag of its CONVERSION_PRIORITY
-    (a consumer on, or deliveries within W before from, a live higher-tag queue that had ready messages
-    in the window) may wait: counted apart, not judged. One finding per (worker, queue), with the later
+    (a consumer on a higher-tag queue that had ready messages in the window, or deliveries from one in
+    [a - W, a + W]) may wait: counted apart, not judged. One finding per (worker, queue), with the later
     announcements it missed too."""
     if (gated := _gate(ctx, "PS-SUBSCRIBE")) is not None:
         return gated
@@ -426,8 +428,9 @@ def check_progress(ctx: Context) -> ClauseResult:
     teardown; F = where some worker allowing t was running (from its first consumer to its exit, less up to
     G after each connection drop while it reconnects: a worker wedged on a closed channel stays running),
     knew of q (an announcement of q, broadcast or a hello reply to it, reached its current connection),
-    was not paused by a fault, and no live queue of a tag higher than t in its CONVERSION_PRIORITY was
-    observed non-empty (it had nothing better to do).
+    was not paused by a fault, and had nothing better to do: no live queue of a tag higher than t in its
+    CONVERSION_PRIORITY was observed non-empty, nor delivered to it within W before (the engine chooses
+    by the deliveries of its last window; a trickle the sampler never sees non-empty still counts).
     Within the intervals of P ∩ F longer than W, a stretch longer than W in which no such free worker
     held a consumer on q (consumers the observer could not attribute count as held; a delivery from q
     splits the stretch) is a violation. Exercised = intervals of P ∩ F longer than W."""
@@ -466,8 +469,12 @@ def check_progress(ctx: Context) -> ClauseResult:
 
 
 def _free(ctx: Context, ps: PerScan, sv, q: PerScanQueue) -> list[Interval]:
-    """Where the worker was running, knew of ``q``, was not paused, and had no ready work of a higher tag."""
-    busy = ps.work_of(ps.by_tags(_higher(sv, q.tag)))
+    """Where the worker was running, knew of ``q``, was not paused, and had no ready work of a higher tag:
+    none observed, and no delivery from a higher-tag queue within W before (the engine's window)."""
+    higher = ps.by_tags(_higher(sv, q.tag))
+    deliv = _deliveries(ctx)
+    recent = [(t, t + ctx.windows.W) for h in higher for t in deliv.get((sv.name, h.name), [])]
+    busy = merge(ps.work_of(higher) + recent)
     return subtract(subtract(intersect(ps.running[sv.name], _informed(ctx, sv, q.name)), sv.excused), busy)
 
 

@@ -205,6 +205,18 @@ def test_progress_does_not_blame_a_worker_busy_with_a_higher_tag():
     assert r.outcome == "passed"  # Q7's windows judged; Q8 waits for a worker free of delta work
 
 
+def test_progress_a_trickle_of_higher_tag_deliveries_keeps_a_worker_busy():
+    # Q7 (delta) is never seen non-empty, yet the worker receives from it every second: by the engine's
+    # rule (deliveries in its last window) it may leave Q8 (full) waiting until W after the last, at 29.5 s
+    hb = base().consume(11, "worker", Q7).levels(0, 50, {Q7: [(10, 0)], Q8: [(10, 80)]})
+    for k in range(19):
+        hb.deliver(11.5 + k, Q7, "worker")
+    r = judge(end(hb, 50), "PS-PROGRESS")
+    assert r.outcome == "failed" and "for 14.5 s (+35.5..+50.0 s)" in r.findings[0].explanation
+    r = judge(end(hb, 50), "PS-SUBSCRIBE")
+    assert r.exercised == "1 (announcement, worker) pairs judged, 1 waited on a higher tag"
+
+
 def test_progress_not_exercised_when_the_work_lasted_less_than_w():
     hb = base(tags=()).consume(11, "worker", Q7).levels(0, 40, {Q7: [(10, 0)], Q8: [(10, 5), (14, 0)]})
     r = judge(end(hb, 40), "PS-PROGRESS")
