@@ -384,7 +384,7 @@ def _connected_through(ps: PerScan, sv, a: float, b: float) -> bool:
 @clause("PS-PRECEDENCE", "no lower-tag queue consumed for W while a higher tag has ready messages")
 def check_precedence(ctx: Context) -> ClauseResult:
     """Rule, per worker with CONVERSION_PRIORITY t0 t1 … and each tag ti (i ≥ 1): H = where some live
-    queue of a higher tag t0..t(i-1) was observed non-empty; C = where the worker held a consumer on a
+    queue of a higher tag t0..t(i-1) that the worker knew of (as in PS-PROGRESS) was observed non-empty; C = where the worker held a consumer on a
     queue of tag ti. An interval of H ∩ C longer than W (outside pauses by a fault, before teardown) is a
     violation. Exercised = intervals of H longer than W while the worker was connected in which a
     ti queue had work or was consumed."""
@@ -400,7 +400,7 @@ def check_precedence(ctx: Context) -> ClauseResult:
         active = subtract(ps.connected[sv.name], sv.excused)
         for i in range(1, len(tags)):
             higher, lower = ps.by_tags(tags[:i]), ps.by_tags([tags[i]])
-            H = ps.work_of(higher)
+            H = merge(iv for q in higher for iv in intersect(q.work, _informed(ctx, sv, q.name)))
             C = [(a, min(b, ctx.teardown)) for a, b in sv.on_any(q.name for q in lower) if a < ctx.teardown]
             cands = longer_than(intersect(H, active), W)
             judged += sum(1 for c in cands if intersect([c], merge(C + ps.work_of(lower))))
