@@ -7,7 +7,9 @@
 - ``render_timeline(history, results, path)``: PNG (matplotlib, Agg). Top: ready count per queue.
   Below: one lane per stage, one row per queue it may consume, a bar while it held a consumer;
   violations shaded red and labelled with the clause id; faults as dashed lines; a stage's own
-  exits and its supervisor's restarts (``lane_marks``) as marks on its lane.
+  exits and its supervisor's restarts (``lane_marks``) as marks on its lane. With per-scan queues, a
+  middle panel (``per_scan_rows``) has one row per queue, coloured by its tag: a bar while it was live,
+  its announcements (scan start, re-broadcasts, hello replies, faults) and its deletion as marks.
 """
 from __future__ import annotations
 
@@ -152,6 +154,71 @@ def lane_marks(sv) -> list[tuple[float, str, str]]:
 
 MARK_STYLE = {"exit": {"marker": "X", "color": "#b00020"}, "restart": {"marker": ">", "color": "#1b5e20"}}
 
+# One colour per per-scan tag, in sorted tag order (delta, full, then any forced tags).
+TAG_PALETTE = ("#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#00838f", "#ad1457")
+# Marks on a per-scan queue's row: its announcements by reason, and its deletion.
+PS_MARK_STYLE = {
+    "scan_start": {"marker": "v", "ms": 8},
+    "fault": {"marker": "*", "ms": 10, "color": "#6a1b9a"},
+    "rebroadcast": {"marker": "|", "ms": 7},
+    "hello_reply": {"marker": ".", "ms": 6},
+    "delete": {"marker": "X", "ms": 8, "color": "#212121"},
+}
+MAX_PS_ROWS = 16
+MAX_PS_PLOTTED = 60  # per-scan queues drawn in the ready-count panel
+
+
+def _tag_row(tag: str) -> str:
+    return f"[{tag}] per-scan queues"
+
+
+def tag_colours(tags) -> dict[str, str]:
+    return {tag: TAG_PALETTE[i % len(TAG_PALETTE)] for i, tag in enumerate(sorted(set(tags)))}
+
+
+def per_scan_rows(ctx) -> list[dict[str, Any]]:
+    """One row per announced per-scan queue, in order of first announcement: its tag, the spans it was
+    live and its marks (time, kind, label): announcements by reason, and the admin's deletion."""
+    from harness.checkers.ps import per_scan
+
+    queues = per_scan(ctx).queues
+    rows: dict[str, dict[str, Any]] = {}
+    for ev in ctx.history.of("ps_announce"):
+        q = queues.get(ev.get("queue"))
+        if q is None:
+            continue
+        row = rows.setdefault(q.name, {"queue": q.name, "tag": q.tag, "live": list(q.live), "marks": []})
+        row["marks"].append((ev["t"], ev.get("reason") or "scan_start", ev.get("reason") or ""))
+    for ev in ctx.history.of("ps_delete"):
+        if ev.get("queue") in rows:
+            rows[ev["queue"]]["marks"].append((ev["t"], "delete", f"deleted ({ev.get('reason')})"))
+    for row in rows.values():
+        row["marks"].sort()
+    return list(rows.values())
+
+
+def _draw_per_scan(ax, rows: list[dict[str, Any]], t0: float, colours: dict[str, str]) -> None:
+    """The per-scan panel: a bar per queue while it was live, in its tag's colour, with its marks."""
+    shown = rows[:MAX_PS_ROWS]
+    for y, row in enumerate(shown):
+        colour = colours.get(row["tag"], "#777777")
+        ax.broken_barh([(a - t0, max(b - a, 0.05)) for a, b in row["live"]], (y + 0.25, 0.5),
+                       facecolors=colour, alpha=0.3, edgecolor="none")
+        for t, kind, label in row["marks"]:
+            style = {"color": colour, **PS_MARK_STYLE.get(kind, PS_MARK_STYLE["scan_start"])}
+            ax.plot([t - t0], [y + 0.5], ls="none", **style)
+            if kind == "delete":
+                ax.annotate(label, (t - t0, y + 0.5), xytext=(5, -3), textcoords="offset points", fontsize=7)
+    ax.set_yticks([y + 0.5 for y in range(len(shown))])
+    ax.set_yticklabels([f"[{r['tag']}] {r['queue']}" for r in shown], fontsize=8)
+    for label, row in zip(ax.get_yticklabels(), shown):
+        label.set_color(colours.get(row["tag"], "#333333"))
+    ax.set_ylim(len(shown), 0)
+    ax.grid(True, axis="x", alpha=0.3)
+    if len(rows) > len(shown):
+        ax.text(0.995, 0.02, f"+{len(rows) - len(shown)} more per-scan queues", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7)
+
 
 def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
                     windows: Windows | None = None, title: str | None = None) -> Path:
@@ -176,21 +243,35 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
             if q not in prio_queues:
                 prio_queues.append(q)
     series = _queue_series(history, None)
-    extra = [q for q, (_, ys) in series.items() if q not in prio_queues and any(y > 0 for y in ys if y == y)]
+    ps_rows = per_scan_rows(ctx)
+    ps_tag = {r["queue"]: r["tag"] for r in ps_rows}
+    busy = [q for q, (_, ys) in series.items() if any(y > 0 for y in ys if y == y)]
+    extra = [q for q in busy if q not in prio_queues and q not in ps_tag]
     plot_queues = (prio_queues + sorted(extra))[:12]
     cmap = plt.get_cmap("tab10" if len(plot_queues) <= 10 else "tab20")
     colour = {q: cmap(i % cmap.N) for i, q in enumerate(plot_queues)}
+    # per-scan queues share their tag's colour (one legend entry per tag), so all of them fit
+    plot_queues += [q for q in ps_tag if q in busy][:MAX_PS_PLOTTED]
+    tag_colour = tag_colours(ps_tag.values())
+    colour.update({q: tag_colour[tag] for q, tag in ps_tag.items()})
 
-    # lanes: per stage, one row per priority queue (q0 on top), plus one for other consumed queues
+    # lanes: per stage, one row per priority queue (q0 on top), plus one for other consumed queues, plus one
+    # per tag for the per-scan queues it consumed (a scan's queue lives minutes: one row each would not fit)
     lanes = []
     for sv in stages:
         rows = list(sv.priority) or []
-        others = sorted({c.queue for c in sv.consumers if c.queue not in rows and not str(c.queue).startswith("amq.")})
-        lanes.append((sv, rows + others))
+        others = sorted({c.queue for c in sv.consumers if c.queue not in rows and c.queue not in ps_tag
+                         and not str(c.queue).startswith("amq.")})
+        tags = sorted({ps_tag[c.queue] for c in sv.consumers if c.queue in ps_tag})
+        lanes.append((sv, rows + others + [_tag_row(tag) for tag in tags]))
     n_rows = sum(max(len(r), 1) for _, r in lanes) + max(len(lanes) - 1, 0)
-    fig_h = 3.2 + 0.28 * n_rows + 0.6
-    fig, (ax_q, ax_s) = plt.subplots(2, 1, figsize=(13, fig_h), sharex=True,
-                                     gridspec_kw={"height_ratios": [3.2, max(0.28 * n_rows, 0.8)]})
+    ps_height = 0.28 * min(len(ps_rows), MAX_PS_ROWS) + 0.3 if ps_rows else 0.0
+    fig_h = 3.2 + 0.28 * n_rows + 0.6 + ps_height
+    ratios = [3.2] + ([ps_height] if ps_rows else []) + [max(0.28 * n_rows, 0.8)]
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(13, fig_h), sharex=True, gridspec_kw={"height_ratios": ratios})
+    ax_q, ax_s = axes[0], axes[-1]
+    if ps_rows:
+        _draw_per_scan(axes[1], ps_rows, t0, tag_colour)
     failed = [r.clause for r in results if r.failed]
     fig.suptitle(title or f"{history.of('run_started')[0].get('scenario', '') if history.of('run_started') else ''}"
                  f"  —  {'FAILED: ' + ', '.join(failed) if failed else 'no violations'}"
@@ -202,7 +283,12 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         if not xs:
             continue
         xs, ys = _thin(xs, ys)
-        ax_q.step([x - t0 for x in xs], ys, where="post", color=colour[q], lw=1.4, label=q)
+        label = q
+        if q in ps_tag:  # one legend entry per tag: the panel below names each queue
+            first = next(p for p in plot_queues if ps_tag.get(p) == ps_tag[q])
+            label = f"[{ps_tag[q]}] per-scan queues" if q == first else "_nolegend_"
+        ax_q.step([x - t0 for x in xs], ys, where="post", color=colour[q], lw=1.4, label=label,
+                  ls="--" if q in ps_tag and list(ps_tag).index(q) % 2 else "-")
     ax_q.set_ylabel("ready messages")
     ax_q.grid(True, alpha=0.3)
 
@@ -218,15 +304,17 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
             row_y[q] = y
             yticks.append(y + 0.4)
             rank = f"q{sv.priority.index(q)}" if q in sv.priority else "--"
-            ylabels.append(f"{sv.name}  [{rank}] {q}")
+            ylabels.append(f"{sv.name}  {q}" if q.startswith("[") else f"{sv.name}  [{rank}] {q}")
             y += 1
+        row_y.update({q: row_y[_tag_row(tag)] for q, tag in ps_tag.items() if _tag_row(tag) in row_y})
         lane_y[sv.name] = (top, y)
         row_pos[sv.name] = row_y
         for c in sv.consumers:
             if c.queue not in row_y:
                 continue
             ax_s.broken_barh([(c.start - t0, max(c.end - c.start, 0.05))], (row_y[c.queue] + 0.1, 0.6),
-                             facecolors=colour.get(c.queue, "#777777"), edgecolor="none")
+                             facecolors=colour.get(c.queue, "#777777"), edgecolor="white" if c.queue in ps_tag else "none",
+                             lw=0.5)
             if c.reason == "cancel":
                 ax_s.plot([c.end - t0], [row_y[c.queue] + 0.4], marker="|", color="black", ms=8)
         for a, b in sv.excused:
@@ -245,12 +333,12 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
 
     # faults and teardown
     for ev in history.of("fault"):
-        for ax in (ax_q, ax_s):
+        for ax in axes:
             ax.axvline(ev["t"] - t0, color="#6a1b9a", ls="--", lw=1)
         ax_q.annotate(f"{ev.get('kind')} {ev.get('target') or ''}", (ev["t"] - t0, 1.0), xycoords=("data", "axes fraction"),
                       rotation=90, va="top", ha="right", fontsize=7, color="#6a1b9a")
     if ctx.teardown < ctx.end:
-        for ax in (ax_q, ax_s):
+        for ax in axes:
             ax.axvline(ctx.teardown - t0, color="#444444", ls=":", lw=1)
 
     # violations: shade the rows of the queues a finding names (the whole lane if none), label the
@@ -288,7 +376,7 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         if stage is not None:
             top, bottom = lane_y[stage]
             rows = row_pos[stage]
-            hit = [rows[q] for q in rows_of[key] if q in rows]
+            hit = {rows[q] for q in rows_of[key] if q in rows}
             bands = [(y0, y0 + 1) for y0 in sorted(hit)] or [(top, bottom)]
             for y0, y1 in bands:
                 ax_s.fill_between([a, b], y0 - 0.02, y1 - 0.18, color="#e53935", alpha=0.22, lw=0)
@@ -316,4 +404,4 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     return path
 
 
-__all__ = ["format_failure", "format_finding", "format_summary", "render_timeline", "TITLES"]
+__all__ = ["format_failure", "format_finding", "format_summary", "per_scan_rows", "render_timeline", "TITLES"]

@@ -2,7 +2,7 @@
 
 ``check_all(history, scenario, windows)`` is the entry point; ``CLAUSES`` lists every clause of
 SPEC.md in its order with a one-line title, read from the registry (``registry.py``) where each
-family module (qp, rt, dl, cf, ft) registers its checkers. A checker's docstring states the exact
+family module (qp, rt, dl, cf, ft, ps) registers its checkers. A checker's docstring states the exact
 rule it implements.
 """
 from __future__ import annotations

@@ -96,3 +96,45 @@ def check_one_type(scenario) -> ClauseResult:
     return ClauseResult("CF-ONE-TYPE", "failed" if findings else ("passed" if n else "not_exercised"),
                         f"{n} queue names checked", findings)
 
+
+
+def _allows(stage, tag: str) -> bool:
+    """A worker allows a tag when its CONVERSION_PRIORITY lists it, or is empty (no filter)."""
+    return not stage.conversion_priority or tag in stage.conversion_priority
+
+
+@clause("CF-TAGS", "every per-scan tag is allowed for at least one worker", static=True)
+def check_tags(scenario) -> ClauseResult:
+    """Rule: every tag the scenario's scans are announced with (for each workload phase routed per scan,
+    Scenario.per_scan_tag: the phase's forced tag, else its mode) is allowed for at least one worker
+    stage: its conversion_priority lists the tag, or is empty (no filter). Not exercised when no phase is
+    routed per scan, or when the scenario has no worker stage (a scenario that judges the explorer alone)."""
+    phases: dict[str, list[int]] = {}
+    for pi, phase in enumerate(scenario.workload):
+        tag = scenario.per_scan_tag(phase)
+        if tag is not None:
+            phases.setdefault(tag, []).append(pi)
+    if not phases:
+        return ClauseResult("CF-TAGS", "not_exercised", "no workload phase is routed through per-scan queues")
+    workers = [s for s in scenario.stages if s.kind == "worker"]
+    if not workers:
+        return ClauseResult("CF-TAGS", "not_exercised",
+                            f"{len(phases)} per-scan tag(s) ({', '.join(phases)}), but no worker stage: not judged")
+    findings = []
+    for tag, indexes in phases.items():
+        if any(_allows(w, tag) for w in workers):
+            continue
+        pi = indexes[0]
+        phase = scenario.workload[pi]
+        named = f"workload.{pi}" + (f" ({phase.name})" if phase.name else "")
+        lists = ", ".join(f"{w.name} {' '.join(w.conversion_priority)!r}" for w in workers)
+        field = f"workload.{pi}.per_scan" if phase.per_scan is not None else \
+            f"clients.{[c.name for c in scenario.clients].index(phase.client)}.per_scan"
+        more = f" (and {len(indexes) - 1} more phase(s))" if len(indexes) > 1 else ""
+        findings.append(Finding(
+            "CF-TAGS",
+            f"Phase {named}{more} announces its scans' per-scan queues with tag {tag!r}, which no worker allows "
+            f"(CONVERSION_PRIORITY: {lists}): its conversions would never be consumed.",
+            None, [], None, None, [{"field": field, "value": tag}]))
+    return ClauseResult("CF-TAGS", "failed" if findings else "passed",
+                        f"{len(phases)} per-scan tag(s) checked against {len(workers)} worker stage(s)", findings)

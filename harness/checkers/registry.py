@@ -1,6 +1,6 @@
 """The clause registry: every clause of SPEC.md once, with everything the harness needs to know of it.
 
-A family module (qp, rt, dl, cf, ft) registers each of its checkers with ``@clause(id, title)``;
+A family module (qp, rt, dl, cf, ft, ps) registers each of its checkers with ``@clause(id, title)``;
 scenario validation, ``python -m harness clauses``, the report, the fault matrix and the suite
 markers all read the registry, so a new clause is written down in exactly one place.
 
@@ -45,6 +45,8 @@ class Clause:
 
 def _constant(constants: dict, match: re.Match) -> str:
     value = constants.get(match.group(1))
+    if isinstance(value, (tuple, list)):
+        return ", ".join(str(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value) if value is not None else match.group(0)
 
 
@@ -84,4 +86,4 @@ def get(clause_id: str) -> Clause:
 
 def _load_families() -> None:
     # Importing the family modules registers their checkers.
-    from harness.checkers import cf, dl, ft, qp, rt  # noqa: F401
+    from harness.checkers import cf, dl, ft, ps, qp, rt  # noqa: F401

@@ -16,6 +16,7 @@ class HB:
     def __init__(self):
         self.events: list[dict[str, Any]] = []
         self._tags: dict[tuple[str, str], list[str]] = {}
+        self._command: dict[str, list[str]] = {}
         self._n = 0
         self.ev(0.0, "run_started", version=1, scenario="test", vhost="v", seed=0)
 
@@ -24,10 +25,13 @@ class HB:
         return self
 
     # stages and consumers
-    def stage(self, t, name, priority=("q0", "q1", "q2"), kind="worker", create_queues=True, supervisor_restart=0):
+    def stage(self, t, name, priority=("q0", "q1", "q2"), kind="worker", create_queues=True, supervisor_restart=0,
+              tags=()):
         prio = list(priority)
+        default = "os2ds_conversions" if kind == "worker" else "os2ds_scan_specs"
         self.ev(t, "stage_started", stage=name, role=name.split("#")[0], kind=kind, pid=100 + len(self.events),
-                queue_priority=prio, read_queues=prio or ["os2ds_conversions"], supervisor_restart=supervisor_restart)
+                queue_priority=prio, read_queues=prio or [default], supervisor_restart=supervisor_restart,
+                conversion_priority=list(tags))
         if create_queues:
             for q in prio:
                 self.ev(t + 0.5, "queue_created", queue=q, durable=True, auto_delete=False, arguments=[])
@@ -75,6 +79,41 @@ class HB:
                         v = vv
                 ready[q] = v
             self.ev(t, "sample", ready=ready)
+        return self
+
+    # per-scan queues (OS2datascanner 3.32)
+    def ps_stage(self, t, name, tags=(), kind="worker", priority=(), connect=1.0):
+        """A stage with CONVERSION_PRIORITY ``tags`` that consumes its command queue ``connect`` s later."""
+        self.stage(t, name, priority, kind=kind, tags=tags)
+        return self.connect(t + connect, name)
+
+    def command_queue(self, stage) -> str:
+        return self._command.get(stage, [None])[-1]
+
+    def connect(self, t, stage):
+        """A (re)connection: a new command queue amq.gen-<stage>-<n>, consumed."""
+        queue = f"amq.gen-{stage}-{len(self._command.get(stage, [])) + 1}"
+        self._command.setdefault(stage, []).append(queue)
+        return self.consume(t, stage, queue)
+
+    def announce(self, t, queue, tag, reason="scan_start", to="broadcast", scan=None, declare=None):
+        """A new_queue command; a scan_start announcement is preceded by the admin's declare."""
+        if declare if declare is not None else reason == "scan_start":
+            self.queue(t - 0.1, queue)
+        return self.ev(t, "ps_announce", queue=queue, tag=tag, scan=scan, reason=reason, to=to)
+
+    def ps_delete(self, t, queue, reason="scan_end", ready=0):
+        """delete_queue on broadcast, then queue.delete (the broker's queue_deleted 0.1 s later)."""
+        self.ev(t, "ps_delete", queue=queue, scan=None, reason=reason, ready=ready)
+        return self.delete(t + 0.1, queue)
+
+    def hello(self, t, stage, answered=(), tags=None):
+        """The stage's worker_hello naming its latest command queue, and the admin's reply."""
+        cq = self.command_queue(stage)
+        self.ev(t, "hello", command_queue=cq, stage=None, answered=list(answered))
+        for q in answered:
+            self.ev(t + 0.01, "ps_announce", queue=q, tag=(tags or {}).get(q, "full"), scan=None,
+                    reason="hello_reply", to=cq)
         return self
 
     # messages

@@ -24,7 +24,7 @@ def by_clause(results):
 
 def test_cf_all_pass_on_aligned_scenario():
     res = by_clause(lint(GOOD))
-    assert [r.outcome for r in res.values()] == ["passed"] * 3
+    assert [r.outcome for r in res.values()] == ["passed"] * 3 + ["not_exercised"]  # CF-TAGS: no per-scan scan
     assert res["CF-ALIGN"].exercised == "4 client queue fields checked"
 
 
@@ -69,9 +69,50 @@ def test_cf_one_type_fails_on_shared_name():
     assert r.findings[0].explanation.startswith("Queue shared is used both as an explorer queue (clients.0.explorer_full_queue (a))")
 
 
+def tagged(worker_tags, phases, client_per_scan=True):
+    """An explorer and one worker per entry of ``worker_tags`` (its CONVERSION_PRIORITY); client a per scan."""
+    stages = [{"name": "e", "kind": "explorer"}] + [
+        {"name": f"w{i + 1}", "kind": "worker", "conversion_priority": t} for i, t in enumerate(worker_tags)]
+    return parse_scenario({"name": "tags", "clients": [{"name": "a", "per_scan": client_per_scan}],
+                           "stages": stages, "workload": phases})
+
+
+def test_cf_tags_passes_when_every_announced_tag_has_a_worker():
+    s = tagged(["delta", "full"], [{"client": "a", "mode": "delta"}, {"client": "a", "mode": "full"}])
+    r = by_clause(lint(s))["CF-TAGS"]
+    assert r.outcome == "passed" and r.exercised == "2 per-scan tag(s) checked against 2 worker stage(s)"
+
+
+def test_cf_tags_an_empty_conversion_priority_allows_every_tag():
+    s = tagged([""], [{"client": "a", "mode": "full", "per_scan": "urgent"}])
+    assert by_clause(lint(s))["CF-TAGS"].outcome == "passed"
+
+
+def test_cf_tags_fails_on_a_tag_no_worker_allows():
+    s = tagged(["delta"], [{"client": "a", "mode": "delta"}, {"name": "nightly", "client": "a", "mode": "full"}])
+    r = by_clause(lint(s))["CF-TAGS"]
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == (
+        "Phase workload.1 (nightly) announces its scans' per-scan queues with tag 'full', which no worker allows "
+        "(CONVERSION_PRIORITY: w1 'delta'): its conversions would never be consumed.")
+    assert r.findings[0].evidence[0] == {"field": "clients.0.per_scan", "value": "full"}
+
+
+def test_cf_tags_names_the_phase_field_that_forces_a_tag():
+    s = tagged(["delta full"], [{"client": "a", "per_scan": "urgent"}], client_per_scan=False)
+    r = by_clause(lint(s))["CF-TAGS"]
+    assert r.outcome == "failed" and r.findings[0].evidence[0]["field"] == "workload.0.per_scan"
+
+
+def test_cf_tags_not_exercised_without_per_scan_routing():
+    s = tagged(["delta"], [{"client": "a", "mode": "full"}], client_per_scan=False)
+    r = by_clause(lint(s))["CF-TAGS"]
+    assert r.outcome == "not_exercised" and r.exercised == "no workload phase is routed through per-scan queues"
+
+
 def test_cf_not_exercised_without_scenario():
     res = check_all(HB().history(), None, WINDOWS, clauses=["CF"])
-    assert [r.outcome for r in res] == ["not_exercised"] * 3
+    assert [r.outcome for r in res] == ["not_exercised"] * 4
 
 
 # ---------------------------------------------------------------- FT-QUEUE-GONE
@@ -459,3 +500,16 @@ def test_bad_command_not_exercised_without_the_fault_or_without_work_after_it():
     r = judge(bad_command(work_until=12, deliver_until=12), "FT-BAD-COMMAND")
     assert r.outcome == "not_exercised" and "only 1.9 s of work in worker's queues after the malformed commands" \
         in r.exercised
+
+
+def test_cf_tags_is_applied_by_the_lint_command(tmp_path, capsys):
+    from harness.cli import main
+
+    path = tmp_path / "tags.yaml"
+    path.write_text("name: tags\nclients: [{name: a, per_scan: true}]\n"
+                    "stages: [{name: e, kind: explorer}, {name: w, kind: worker, conversion_priority: delta}]\n"
+                    "workload: [{client: a, mode: full}]\n")
+    assert main(["lint", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "CF-TAGS failed" in out.splitlines()[0]
+    assert out.splitlines()[1].endswith(f"[{path}: clients.0.per_scan]")

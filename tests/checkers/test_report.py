@@ -75,3 +75,43 @@ def test_a_checker_that_raises_costs_only_its_own_verdict(monkeypatch):
     summary = format_summary(res.values())
     assert "1 checker error(s)" in summary.splitlines()[0]
     assert "QP-PRECEDENCE     ERR" in summary
+
+
+def per_scan_history():
+    from .test_ps import Q7, Q8, base, end
+
+    hb = base().consume(11, "worker", Q7).consume(11, "worker", Q8).cancel(14, "worker", Q8)
+    hb.levels(0, 40, {Q7: [(10, 20), (20, 0), (25.2, None)], Q8: [(10, 50)]})
+    hb.announce(22, Q8, "full", reason="rebroadcast").connect(23, "worker").hello(23.2, "worker", [Q8])
+    return end(hb.ps_delete(25, Q7), 40).history()
+
+
+def test_the_timeline_draws_per_scan_queues_with_their_tag_and_marks(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from harness.checkers._common import build_context
+    from harness.report import per_scan_rows
+
+    from .test_ps import Q7, Q8
+
+    h = per_scan_history()
+    rows = per_scan_rows(build_context(h, None, WINDOWS))
+    assert [(r["queue"], r["tag"]) for r in rows] == [(Q7, "delta"), (Q8, "full")]
+    assert [(round(t - T0, 2), kind) for t, kind, _ in rows[0]["marks"]] == [(10.0, "scan_start"), (25.0, "delete")]
+    assert [kind for _, kind, _ in rows[1]["marks"]] == ["scan_start", "rebroadcast", "hello_reply"]
+    seen = {}
+
+    def keep(fig, *args, **kwargs):
+        panel = fig.axes[1]
+        seen["rows"] = [t.get_text() for t in panel.get_yticklabels()]
+        seen["colours"] = {t.get_text(): t.get_color() for t in panel.get_yticklabels()}
+        seen["lanes"] = [t.get_text() for t in fig.axes[-1].get_yticklabels()]
+        return original(fig, *args, **kwargs)
+
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", keep)
+    out = render_timeline(h, check_all(h, scenario(), WINDOWS), tmp_path / "timeline.png", WINDOWS)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert seen["rows"] == [f"[delta] {Q7}", f"[full] {Q8}"]
+    assert seen["colours"][f"[delta] {Q7}"] != seen["colours"][f"[full] {Q8}"]
+    assert seen["lanes"] == ["worker  [delta] per-scan queues", "worker  [full] per-scan queues"]
