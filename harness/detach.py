@@ -63,20 +63,25 @@ def _keep(command: list[str], wrapper: int, status_fd: int, alive_fd: int) -> No
             engine.kill()
             engine.wait()
             os._exit(1)
-        if _is_stopped(wrapper) != stopped:
+        if is_stopped(wrapper) != stopped:
             stopped = not stopped
             _signal(engine.pid, signal.SIGSTOP if stopped else signal.SIGCONT)
     os.write(status_fd, f"{engine.returncode}\n".encode())
     os._exit(0)
 
 
-def _is_stopped(pid: int) -> bool:
-    """The process is stopped (state T in /proc/PID/stat)."""
+def process_state(pid: int) -> str | None:
+    """The process's state letter from /proc/PID/stat (R, S, T, Z, ...), None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+            return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
+        return None
+
+
+def is_stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP: state T)."""
+    return process_state(pid) in ("T", "t")
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +48,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
     option("--engine-cmd", "engine_cmd", "engine command template; {stage} becomes explorer or worker",
            BUNDLED_ENGINE)
+    option("--engine-image", "engine_image", "run every stage as a container of this image (testcontainers; "
+           "the stage's command inside is --engine-cmd if given, else just {stage})", None)
+    option("--engine-network", "engine_network", "with --engine-image: 'host' (the broker on loopback) or 'bridge' "
+           "(the broker at host.docker.internal)", "host", choices=["host", "bridge"])
     option("--engine-env", "engine_env", "extra KEY=VALUE for every stage (repeatable)", [],
            "linelist", action="append")
     option("--engine-restart", "engine_restart", "restart policy POLICY[:LIMIT[:BACKOFF]] (no, on-failure, always) "
@@ -103,6 +108,8 @@ class EngineProfile:
 
 def engine_profile(config: pytest.Config) -> EngineProfile:
     given = config.getoption("engine_cmd")
+    if _value(config, "engine_image"):
+        given = given or "{stage}"  # a container image is another engine than the ini's
     if given is None and _overridden(config, "engine_cmd"):
         # -o engine_cmd=... is the command line's engine; the file's own engine_cmd is then out of sight,
         # so the profile is taken to be the bundled engine's (as in this repository).
@@ -177,8 +184,12 @@ def engine_from(config: pytest.Config) -> EngineSettings:
         if not sep or not key.strip():
             raise pytest.UsageError(f"--engine-env / ini engine_env: expected KEY=VALUE, got {entry!r}")
         env[key.strip()] = value
-    if words[:4] == _words(BUNDLED_ENGINE):
-        import sys
+    image = _value(config, "engine_image")
+    if image:
+        inside = words if config.getoption("engine_cmd") is not None else ["{stage}"]
+        words = [sys.executable, "-m", "harness.container", "--image", image,
+                 "--network", _value(config, "engine_network") or "host", "--", *inside]
+    elif words[:4] == _words(BUNDLED_ENGINE):
         words[0] = sys.executable
     return EngineSettings(words, env, _restart(config))
 

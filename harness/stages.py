@@ -273,6 +273,8 @@ class StageLauncher:
             env["CONVERSION_PRIORITY"] = tags
         env.update({k: str(v) for k, v in self.engine_env.items()})
         env.update({k: str(v) for k, v in (stage.env or {}).items()})
+        # A wrapper that runs the stage elsewhere (harness.container) passes on these, not the host's.
+        env["QP_STAGE_ENV"] = ",".join(sorted({*self.engine_env, *(stage.env or {})}))
         return env
 
     def start(self, stage) -> list[StageProcess]:
