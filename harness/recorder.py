@@ -125,7 +125,7 @@ class Recorder:
         port = port_of_name(h.get("connection"))
         if port in self.attribution.own_ports:
             return
-        stage = self.resolver(port)
+        stage = self.resolver(port, h.get("user"))
         msg = self.summary(body, (h.get("properties") or {}).get("content_encoding"))
         if key.startswith("deliver."):
             self.record("deliver", t, queue=key[len("deliver."):], stage=stage,

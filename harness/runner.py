@@ -34,9 +34,10 @@ from harness.stages import StageExited, StageLauncher, StageStartError
 from harness.workload import Workload
 
 # A run with work owed, nothing left to publish or inject, and no new delivery or result for this many
-# windows W (at least STALL_MIN_SECONDS) ends as 'stalled' rather than waiting for its time limit:
+# windows W (at least STALL_MIN_SECONDS), and G past since its stages started, ends as 'stalled' rather
+# than waiting for its time limit:
 # an engine that lost or wedged the work has shown it by then (a failure that can only show at the
-# engine's next check shows within one W), and the fault matrix's faulty runs end in seconds.
+# engine's next check shows within one W), and the fault matrix's faulty runs end long before their limits.
 STALL_WINDOWS = 3
 STALL_MIN_SECONDS = 10.0
 
@@ -204,7 +205,8 @@ class ScenarioRun:
         started = time.monotonic()
         deadline = started + scenario.time_limit
         later_started = not later
-        last_activity, quiet_since = None, started
+        # Not before G has passed since the stages started: clauses judged at G (QP-DECLARE) need it.
+        last_activity, quiet_since, stages_graced = None, started, started + self.windows.G
         while True:
             now = time.monotonic()
             self._check_broker(observer)
@@ -219,6 +221,7 @@ class ScenarioRun:
                 self._wait_for_firehose(self.flood.totals.sent)
                 self._start_stages(launcher, observer, later)
                 later_started = True
+                stages_graced = time.monotonic() + self.windows.G
             done, owed = self.ledger.progress()
             faulting = self.schedule.waiting("faults") or nemesis.busy
             if not flooding and later_started and not faulting and owed == 0:
@@ -228,7 +231,7 @@ class ScenarioRun:
             activity = (self.ledger.activity(), launcher.restart_pending)
             if activity != last_activity or flooding or not later_started or faulting or launcher.restart_pending:
                 last_activity, quiet_since = activity, now
-            elif now - quiet_since > self._stall_after():
+            elif now - quiet_since > self._stall_after() and now >= stages_graced:
                 self.say(f"stalled: no new delivery and no result for {now - quiet_since:.0f} s with {owed} objects "
                          f"owed and nothing left to publish or inject; ending the run")
                 self._note_silent(observer, launcher, f"the run stalled ({owed} objects owed)")
