@@ -211,6 +211,8 @@ class Broker:
     #: stop the node, wait the given seconds, start it again with the same ports and data
     #: (the local provider only; None elsewhere): the restart_broker fault
     restart: Callable[[float], None] | None = field(default=None, repr=False)
+    #: the AMQP port of every node of a cluster (harness.cluster), the seed's first; [] for one node
+    node_ports: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.management = ManagementClient(self.management_url, self.user, self.password)
@@ -358,8 +360,12 @@ class LocalBroker:
     """
 
     def __init__(self, workdir: Path, start_timeout: float = 60.0, *, bin_dir: str | Path | None = None,
-                 extra_config: str = "", stop_mode: str = "kill", start_attempts: int = 3):
+                 extra_config: str = "", stop_mode: str = "kill", start_attempts: int = 3,
+                 home: Path | None = None, epmd_port: int | None = None):
         self.workdir = Path(workdir)
+        # A cluster's nodes share one HOME (the Erlang cookie) and one epmd, started by the first node.
+        self.home = Path(home) if home else self.workdir / "home"
+        self.shared_epmd = epmd_port
         self.start_timeout = start_timeout
         self.bin_dir = bin_dir
         self.extra_config = extra_config
@@ -408,10 +414,12 @@ class LocalBroker:
         return broker
 
     def _start_once(self, bin_dir: Path) -> Broker:
-        for sub in ("home", "mnesia", "log"):
+        for sub in ("mnesia", "log"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
         try:
-            amqp, mgmt, dist, epmd_port = (self.claims.claim() for _ in range(4))
+            amqp, mgmt, dist = (self.claims.claim() for _ in range(3))
+            epmd_port = self.shared_epmd or self.claims.claim()
             user, password = "qp-" + secrets.token_hex(4), secrets.token_urlsafe(18)
             self.node = f"qp{os.getpid()}x{secrets.token_hex(3)}@localhost"
             (self.workdir / "rabbitmq.conf").write_text(
@@ -431,7 +439,7 @@ class LocalBroker:
                 # Nothing of a system or user RabbitMQ/Erlang set-up may leak into this node.
                 **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))},
                 "RABBITMQ_CONF_ENV_FILE": str(self.workdir / "rabbitmq-env.conf"),
-                "HOME": str(self.workdir / "home"),  # the Erlang cookie is created here
+                "HOME": str(self.home),  # the Erlang cookie is created (or, in a cluster, shared) here
                 "ERL_EPMD_PORT": str(epmd_port),
                 "ERL_EPMD_ADDRESS": "127.0.0.1",
                 "RABBITMQ_NODENAME": self.node,
@@ -446,10 +454,11 @@ class LocalBroker:
                 "ERL_CRASH_DUMP": str(self.workdir / "erl_crash.dump"),
             }
             self._env, self._bin_dir, self.epmd_port = env, bin_dir, epmd_port
-            self._start_epmd()
+            if not self.shared_epmd:
+                self._start_epmd()
             self._start_node()
             broker = Broker("127.0.0.1", amqp, f"http://127.0.0.1:{mgmt}", user, password, "local",
-                            process_groups=[self.process.pid, self.epmd.pid])
+                            process_groups=[self.process.pid] + ([self.epmd.pid] if self.epmd else []))
             self._wait_ready(broker)
             return broker
         except BaseException:
@@ -475,6 +484,18 @@ class LocalBroker:
             self.process = subprocess.Popen([str(self._bin_dir / "rabbitmq-server")], stdout=log, stderr=log,
                                             stdin=subprocess.DEVNULL, env=self._env, start_new_session=True)
         watchdog.register_process_group(self.process.pid, grace=0)
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """The node's environment (cookie, epmd, node name): what rabbitmqctl needs to reach it."""
+        return dict(self._env)
+
+    def bin_path(self, name: str) -> Path:
+        return self._bin_dir / name
+
+    def kill_node(self) -> None:
+        """SIGKILL the node (a node fault); ``restart`` brings it back."""
+        self._kill_node()
 
     def _kill_node(self) -> None:
         """SIGKILL the node's process group (whatever is left of it) and wait until it is gone."""
@@ -508,13 +529,13 @@ class LocalBroker:
             raise BrokerError("revive: the local broker was never started")
         began = time.monotonic()
         self._kill_node()
-        if self.epmd is None or not watchdog.group_members(self.epmd.pid):
+        if not self.shared_epmd and (self.epmd is None or not watchdog.group_members(self.epmd.pid)):
             if self.epmd is not None:
                 self.epmd.wait(5)
                 watchdog.unregister_process_group(self.epmd.pid)
             self._start_epmd()
         self._start_node(f"reviving {self.node}: it stopped answering")
-        self.broker.process_groups[:] = [self.process.pid, self.epmd.pid]
+        self.broker.process_groups[:] = [self.process.pid] + ([self.epmd.pid] if self.epmd else [])
         self._wait_ready(self.broker)
         self.timings["revive"] = time.monotonic() - began
         return self.timings["revive"]

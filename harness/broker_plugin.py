@@ -50,6 +50,8 @@ OPTIONS = [
      "other usual places)", ""),
     ("--rabbitmq-start-timeout", "rabbitmq_start_timeout",
      "seconds to wait for the broker to be ready (default 60)", "60"),
+    ("--rabbitmq-nodes", "rabbitmq_nodes",
+     "local provider: start a cluster of this many rabbitmq-server nodes (stages spread over them)", "1"),
     ("--rabbitmq-stop", "rabbitmq_stop",
      "how the local broker is stopped: kill (default, instant; its data is thrown away) or graceful", "kill"),
 ]
@@ -81,6 +83,9 @@ def provider_settings(config: pytest.Config) -> ProviderSettings:
     if provider not in PROVIDERS:
         raise pytest.UsageError(f"--rabbitmq-provider / ini rabbitmq_provider: must be one of "
                                 f"{', '.join(PROVIDERS)}, got {provider!r}")
+    nodes = option(config, "rabbitmq_nodes") or "1"
+    if not nodes.isdigit() or not 1 <= int(nodes) <= 9:
+        raise pytest.UsageError(f"--rabbitmq-nodes / ini rabbitmq_nodes: a number of nodes from 1 to 9, got {nodes!r}")
     stop_mode = option(config, "rabbitmq_stop") or "kill"
     if stop_mode not in ("kill", "graceful"):
         raise pytest.UsageError(f"rabbitmq_stop must be kill or graceful, not {stop_mode!r}")
@@ -92,6 +97,7 @@ def provider_settings(config: pytest.Config) -> ProviderSettings:
         start_timeout=timeout,
         server_dir=option(config, "rabbitmq_server_dir") or None,
         stop_mode=stop_mode,
+        nodes=int(nodes),
     )
 
 

@@ -41,6 +41,7 @@ class ProviderSettings:
     start_timeout: float = 60.0
     server_dir: str | None = None
     stop_mode: str = "kill"
+    nodes: int = 1  # the local provider: more than one starts a cluster (harness.cluster)
 
 
 class Provision:
@@ -134,18 +135,31 @@ class LocalProvision(Provision):
     def __init__(self, settings: ProviderSettings):
         self.settings = settings
         self.local: LocalBroker | None = None
+        self.cluster = None  # harness.cluster.LocalCluster with --rabbitmq-nodes N > 1
 
     def start(self, workdir: Path) -> None:
-        self.local = LocalBroker(workdir, self.settings.start_timeout, bin_dir=self.settings.server_dir,
-                                 stop_mode=self.settings.stop_mode)
-        self.broker = self.local.start()
+        if self.settings.nodes > 1:
+            from harness.cluster import LocalCluster
+            self.cluster = LocalCluster(workdir, self.settings.nodes, self.settings.start_timeout,
+                                        bin_dir=self.settings.server_dir, stop_mode=self.settings.stop_mode)
+            self.broker = self.cluster.start()
+            self.local = self.cluster.nodes[0]
+            self.revivable = False  # a dead seed takes the cluster's state with it: not brought back
+        else:
+            self.local = LocalBroker(workdir, self.settings.start_timeout, bin_dir=self.settings.server_dir,
+                                     stop_mode=self.settings.stop_mode)
+            self.broker = self.local.start()
         self.broker.restart = self.local.restart
 
     def revive(self) -> float:
+        if self.cluster is not None:
+            raise BrokerError("a local cluster is not revived; the session's remaining tests cannot use it")
         return self.local.revive()
 
     def close(self) -> None:
-        if self.local is not None:
+        if self.cluster is not None:
+            self.cluster.stop()
+        elif self.local is not None:
             self.local.stop()
 
 

@@ -226,6 +226,7 @@ class StageLauncher:
         self.say = progress or (lambda text: None)
         self.processes: dict[str, StageProcess] = {}
         self._users: dict[str, tuple[str, str]] = {}  # instance -> its broker user and password
+        self._nodes: dict[str | None, int] = {}  # instance -> the AMQP port (cluster node) it connects to
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ start
@@ -237,11 +238,19 @@ class StageLauncher:
         user, password = self.stage_user(instance) if instance else (self.broker.user, self.broker.password)
         return {"amqp": {
             "AMQP_HOST": self.broker.host,
-            "AMQP_PORT": int(self.broker.amqp_port),
+            "AMQP_PORT": self.node_port(instance),
             "AMQP_USER": user,
             "AMQP_PWD": password,
             "AMQP_VHOST": self.vhost,
         }}
+
+    def node_port(self, instance: str | None) -> int:
+        """The AMQP port an instance connects to: on a cluster, the nodes in turn, one instance each."""
+        ports = getattr(self.broker, "node_ports", None) or [self.broker.amqp_port]
+        with self._lock:
+            if instance not in self._nodes:
+                self._nodes[instance] = ports[len(self._nodes) % len(ports)]
+            return int(self._nodes[instance])
 
     def stage_user(self, instance: str) -> tuple[str, str]:
         """The instance's own broker user (made once; deleted with the vhost): the observer ties the
