@@ -196,6 +196,17 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+# Placeholders of an engine command template, filled per stage instance (StageLauncher.argv).
+PLACEHOLDERS = {
+    "stage": "explorer or worker",
+    "instance": "the instance's name: worker, worker#2, ...",
+    "config": "path of the instance's engine TOML config (also in OS2DS_ENGINE_USER_CONFIG_PATH)",
+    "config_toml": "the text of that TOML config, for a command that must carry it elsewhere",
+    "env_file": "path of a KEY=VALUE file with the instance's own variables (QUEUE_PRIORITY, "
+                "CONVERSION_PRIORITY, --engine-env, the scenario's env, the config path): docker run --env-file",
+}
+
+
 class StageLauncher:
     """Starts, watches and stops the engine stages of one scenario run."""
 
@@ -230,8 +241,24 @@ class StageLauncher:
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ start
-    def argv(self, kind: str) -> list[str]:
-        return [part.replace("{stage}", kind) for part in self.template]
+    def argv(self, kind: str, **places: str) -> list[str]:
+        """The command for one instance: ``{stage}`` is its kind; ``places`` fill the other placeholders
+        (PLACEHOLDERS) word by word, so that a config can travel to a container or another host."""
+        values = {"stage": kind, **places}
+        words = []
+        for part in self.template:
+            for name, value in values.items():
+                part = part.replace("{" + name + "}", value)
+            words.append(part)
+        return words
+
+    def write_env_file(self, name: str, env: dict[str, str], stage) -> Path:
+        """``{env_file}``: the instance's own variables (not the harness's environment), KEY=VALUE per line."""
+        own = {"QUEUE_PRIORITY", "CONVERSION_PRIORITY", "OS2DS_ENGINE_USER_CONFIG_PATH",
+               *self.engine_env, *(stage.env or {})}
+        path = self.stage_dir / f"{name}.env"
+        path.write_text("".join(f"{k}={env[k]}\n" for k in sorted(own) if k in env), encoding="utf-8")
+        return path
 
     def config(self, instance: str | None = None) -> dict[str, Any]:
         """The engine's TOML config; with ``instance``, that instance's own broker user."""
@@ -296,10 +323,14 @@ class StageLauncher:
                 if name in self.processes and self.processes[name].alive:
                     raise StageStartError(f"stage {name} is already running (pid {self.processes[name].pid})")
             config_path = self.stage_dir / f"{name}.toml"
-            config_path.write_text(tomli_w.dumps(self.config(name)), encoding="utf-8")
-            proc = StageProcess(name, stage.name, stage.kind, self.argv(stage.kind), {}, self.stage_dir / f"{name}.log",
-                                config_path, stage)
-            proc.env = self.environment(stage, config_path)
+            config_toml = tomli_w.dumps(self.config(name))
+            config_path.write_text(config_toml, encoding="utf-8")
+            env = self.environment(stage, config_path)
+            places = {"config": str(config_path), "config_toml": config_toml, "instance": name,
+                      "env_file": str(self.write_env_file(name, env, stage))}
+            proc = StageProcess(name, stage.name, stage.kind, self.argv(stage.kind, **places), {},
+                                self.stage_dir / f"{name}.log", config_path, stage)
+            proc.env = env
             self._spawn(proc)
             started.append(proc)
         return started

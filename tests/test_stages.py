@@ -53,12 +53,13 @@ def test_config_file_and_environment(make_launcher, tmp_path, broker, vhost, his
     assert wait_until(lambda: dump.exists() and dump.stat().st_size, 10), proc.tail()
     seen = json.loads(wait_until(lambda: dump.read_text() if dump.read_text().endswith("}") else "", 5))
     assert seen["argv"][1:] == ["worker"]
+    password = seen["config"]["amqp"].pop("AMQP_PWD")
+    assert password and password != broker.password  # the instance's own user, made for this vhost
     assert seen["config"] == {"amqp": {"AMQP_HOST": broker.host, "AMQP_PORT": broker.amqp_port,
-                                       "AMQP_USER": broker.user, "AMQP_PWD": broker.password,
-                                       "AMQP_VHOST": vhost.name}}
+                                       "AMQP_USER": f"{vhost.name}.w", "AMQP_VHOST": vhost.name}}
     env = seen["env"]
     assert env["OS2DS_ENGINE_USER_CONFIG_PATH"] == str(tmp_path / "stages" / "w.toml")
-    assert tomllib.loads((tmp_path / "stages" / "w.toml").read_text()) == seen["config"]
+    assert tomllib.loads((tmp_path / "stages" / "w.toml").read_text())["amqp"]["AMQP_PWD"] == password
     assert env["QUEUE_PRIORITY"] == "qa qb qa"  # as written: the engine must drop duplicates itself
     assert env["LOG_LEVEL"] == "DEBUG" and env["SHARED"] == "stage"  # stage env wins over engine env
     assert wait_until(lambda: "consuming qa qb" in proc.tail(), 10)
@@ -76,6 +77,25 @@ def test_no_queue_priority_means_unset(make_launcher, tmp_path, monkeypatch):
     assert wait_until(lambda: dump.exists() and dump.read_text().endswith("}"), 10)
     env = json.loads(dump.read_text())["env"]
     assert "QUEUE_PRIORITY" not in env and "amqp__AMQP_VHOST" not in env
+
+
+def test_placeholders_carry_the_instance_its_config_and_its_own_variables(make_launcher, tmp_path):
+    """{instance}, {config}, {config_toml} and {env_file}: what a command needs to run a stage elsewhere."""
+    dump = tmp_path / "dump.json"
+    template = " ".join(FAKE_STAGE) + " {instance} {config} {env_file} {config_toml}"
+    launcher = make_launcher(command=template, env={"LOG_LEVEL": "DEBUG"})
+    launcher.start(Stage(name="w", kind="worker", replicas=2, queue_priority=["qa"], conversion_priority=["delta"],
+                         env={"FAKE_DUMP": str(dump)}))
+    assert wait_until(lambda: dump.exists() and dump.read_text().endswith("}"), 10)
+    argv = json.loads(dump.read_text())["argv"]
+    instance, config, env_file, config_toml = argv[2:6]
+    assert argv[1] == "worker" and instance in ("w", "w#2")
+    assert Path(config) == tmp_path / "stages" / f"{instance}.toml"
+    assert tomllib.loads(config_toml) == tomllib.loads(Path(config).read_text())
+    lines = Path(env_file).read_text().splitlines()
+    assert "QUEUE_PRIORITY=qa" in lines and "CONVERSION_PRIORITY=delta" in lines and "LOG_LEVEL=DEBUG" in lines
+    assert f"OS2DS_ENGINE_USER_CONFIG_PATH={config}" in lines and f"FAKE_DUMP={dump}" in lines
+    assert not [line for line in lines if line.startswith(("PATH=", "HOME="))]  # never the harness's environment
 
 
 def test_replicas_get_instance_names(make_launcher, history):
