@@ -242,7 +242,7 @@ class StageLauncher:
         # The harness's own environment must not steer the stage to another broker or queue set:
         # the engine reads amqp__KEY overrides before its config file.
         env = {k: v for k, v in os.environ.items()
-               if not k.lower().startswith("amqp__") and k not in ("QUEUE_PRIORITY", "OS2DS_ENGINE_USER_CONFIG_PATH")}
+               if not k.lower().startswith("amqp__") and k not in ("QUEUE_PRIORITY", "CONVERSION_PRIORITY", "OS2DS_ENGINE_USER_CONFIG_PATH")}
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self._default:
             # The bundled engine runs from this checkout even when the package is not installed.
@@ -252,6 +252,9 @@ class StageLauncher:
         priority = " ".join(stage.queue_priority)
         if priority.strip():
             env["QUEUE_PRIORITY"] = priority
+        tags = " ".join(stage.conversion_priority)
+        if tags:
+            env["CONVERSION_PRIORITY"] = tags
         env.update({k: str(v) for k, v in self.engine_env.items()})
         env.update({k: str(v) for k, v in (stage.env or {}).items()})
         return env
@@ -306,7 +309,8 @@ class StageLauncher:
         stage = proc.stage
         self.history.record("stage_started", stage=proc.name, role=proc.role, kind=proc.kind, pid=proc.pid,
                             queue_priority=list(stage.priority), read_queues=list(stage.read_queues),
-                            command=proc.argv, log=str(proc.log_path), supervisor_restart=supervisor_restart)
+                            command=proc.argv, log=str(proc.log_path), supervisor_restart=supervisor_restart,
+                            conversion_priority=list(stage.conversion_priority))
 
     # ------------------------------------------------------------------ watch
     def poll(self, include_expected: bool = False) -> list[StageExit]:
