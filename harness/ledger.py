@@ -22,6 +22,9 @@ appended (``LiveLedger``, a ``HistoryWriter`` listener) and a checker from a sav
   ``queue_deleted`` from 1 s before the fault on, else the fault). One a stage took is still owed.
 - **dropped unroutable**: objects whose conversion no queue received. RT-ROUTABLE decides which
   publishes those are (``mark_unroutable``); the ledger only excuses them.
+- **dropped with a deleted per-scan queue**: objects of the scans routed through a per-scan queue
+  that a fault deleted (``ps_delete`` with reason ``fault``), not delivered from it before the
+  deletion (also those the explorer had not published yet: they can no longer reach any queue).
 - **aborted**: scans the admin aborted (``phase`` events named ``scan_aborted``).
 - **owed**: expected, neither answered nor excused by the three above. A run is complete when
   nothing is owed; an object still owed at the end is lost.
@@ -89,6 +92,8 @@ class Ledger:
         self._reconnects: list[float] = []  # the observer's reconnects: its reads are counted per connection
         self._answer_times: dict[Key, list[float]] = {}  # key -> times a result of it was seen
         self._restarts: list[float] = []  # restart_broker faults
+        self._scan_queue: dict[str, str] = {}  # scan -> its per-scan queue
+        self._ps_deleted: dict[str, float] = {}  # per-scan queue -> when a fault deleted it (ps_delete)
 
     @classmethod
     def of(cls, events: Iterable[dict], unroutable: Iterable[dict] = ()) -> "Ledger":
@@ -114,6 +119,8 @@ class Ledger:
 
     def _on_scan_planned(self, e: dict) -> None:
         self.scans += 1
+        if e.get("per_scan") is not None:
+            self._scan_queue[e.get("scan")] = e.get("conversion_queue")
         for path in e.get("objects") or ():
             key = object_key(e.get("scan"), path)
             self.expected.add(key)
@@ -127,7 +134,7 @@ class Ledger:
             self.harness_publishes += 1
         if msg.get("type") == "ConversionMessage":
             self._published_to.setdefault(e.get("routing_key"), set()).add(object_key(msg.get("scan"), msg.get("object")))
-            self._version += e.get("routing_key") in self._deletion_faults
+            self._version += e.get("routing_key") in self._deletion_faults or e.get("routing_key") in self._ps_deleted
         if e.get("exchange", "") == "" and e.get("routing_key") in (RESULT_QUEUE, PROBLEM_QUEUE):
             self._witness("published", e.get("routing_key"), msg, e.get("t"))
 
@@ -173,7 +180,7 @@ class Ledger:
             where = (e.get("queue"), key)
             if where not in self._first_taken or e["t"] < self._first_taken[where]:
                 self._first_taken[where] = e["t"]
-                self._version += e.get("queue") in self._deletion_faults
+                self._version += e.get("queue") in self._deletion_faults or e.get("queue") in self._ps_deleted
             if e.get("redelivered"):
                 self.redelivered.add(key)
         elif msg.get("type") == "ScanSpecMessage" and e.get("redelivered"):
@@ -185,6 +192,12 @@ class Ledger:
         if _deletes_queue(e.get("kind")):
             queue = e.get("target")
             self._deletion_faults[queue] = min(e["t"], self._deletion_faults.get(queue, e["t"]))
+            self._version += 1
+
+    def _on_ps_delete(self, e: dict) -> None:
+        if e.get("reason") == "fault":
+            queue = e.get("queue")
+            self._ps_deleted[queue] = min(e["t"], self._ps_deleted.get(queue, e["t"]))
             self._version += 1
 
     def _on_queue_deleted(self, e: dict) -> None:
@@ -223,24 +236,42 @@ class Ledger:
 
     @property
     def gone(self) -> set[Key]:
-        """Objects whose conversion was still in a queue when a deletion fault deleted it."""
+        """Objects whose conversion was still in a queue when a deletion fault deleted it, and the
+        objects of a scan whose per-scan queue a fault deleted that were not taken from it before."""
         deleted = self.deleted_at()
-        if not deleted:
+        if not deleted and not self._ps_deleted:
             return set()
         taken = {key for (queue, key), t in self._first_taken.items() if queue in deleted and t < deleted[queue]}
         published = set().union(*(self._published_to.get(queue, set()) for queue in deleted))
-        return published - taken
+        return (published - taken) | self._gone_with_scan_queues()
+
+    def _gone_with_scan_queues(self) -> set[Key]:
+        deleted = self._ps_deleted
+        if not deleted:
+            return set()
+        taken = {key for (queue, key), t in self._first_taken.items() if queue in deleted and t < deleted[queue]}
+        owned = {key for key in self.expected if self._scan_queue.get(key[0]) in deleted}
+        published = set().union(*(self._published_to.get(queue, set()) for queue in deleted))
+        return (owned | published) - taken
+
+    def owed_in(self, scans: Iterable[str]) -> int:
+        """Objects of these scans still owed (the admin deletes a per-scan queue at 0)."""
+        wanted = set(scans)
+        pool = self._owed() if (self.aborted or self._deletion_faults or self._ps_deleted or self.unroutable) \
+            else self._unanswered
+        return sum(1 for key in pool if key[0] in wanted)
 
     def _owed(self) -> set[Key]:
         if self._cache is None or self._cache[0] != self._version:
-            excused = self.gone | self.unroutable if self._deletion_faults or self.unroutable else set()
+            excusing = self._deletion_faults or self._ps_deleted or self.unroutable
+            excused = self.gone | self.unroutable if excusing else set()
             owed = {k for k in self._unanswered if k not in excused and k[0] not in self.aborted}
             self._cache = (self._version, owed)
         return self._cache[1]
 
     def owed(self) -> int:
         """Objects still owed a result (the runner waits for 0)."""
-        if not (self.aborted or self._deletion_faults or self.unroutable):
+        if not (self.aborted or self._deletion_faults or self._ps_deleted or self.unroutable):
             return len(self._unanswered)  # nothing excused: no set to build on the runner's loop
         return len(self._owed())
 
@@ -304,3 +335,12 @@ class LiveLedger:
     def harness_publishes(self) -> int:
         with self._lock:
             return self._ledger.harness_publishes
+
+    def scan_state(self, scans: Iterable[str]) -> str:
+        """'aborted' when the admin aborted one of these scans, 'owed' while an object of them is
+        owed, else 'answered' (what the admin reads to delete a per-scan queue)."""
+        scans = list(scans)
+        with self._lock:
+            if any(scan in self._ledger.aborted for scan in scans):
+                return "aborted"
+            return "owed" if self._ledger.owed_in(scans) else "answered"
