@@ -90,6 +90,8 @@ class Admin:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="admin")
         self._ready = threading.Event()
+        self._gone_lock = threading.Lock()
+        self._gone: set[str] = set()  # queues deleted (read by the phase driver: a hold on one stops)
         # Admin-thread state only.
         self._connection: pika.BlockingConnection | None = None
         self._channel = None
@@ -117,6 +119,10 @@ class Admin:
         """Declare and announce the per-scan queues of these planned scans (workload.PlannedScan)."""
         if scans:
             self._call(self._open_scans, scans)
+
+    def was_deleted(self, queue_name: str) -> bool:
+        with self._gone_lock:
+            return queue_name in self._gone
 
     def phase_done(self, index: int) -> None:
         """Phase ``index`` publishes no more: its queues may go once their scans are answered."""
@@ -278,6 +284,8 @@ class Admin:
                             ready=self.observer.ready(live.name))
         self._channel.queue_delete(live.name)
         self._deleted.append(live)
+        with self._gone_lock:
+            self._gone.add(live.name)
 
     def _delete_phase_queue(self, index: int) -> str:
         live = next((q for q in self._live.values() if q.phase == index), None)

@@ -23,7 +23,8 @@ appended (``LiveLedger``, a ``HistoryWriter`` listener) and a checker from a sav
 - **dropped unroutable**: objects whose conversion no queue received. RT-ROUTABLE decides which
   publishes those are (``mark_unroutable``); the ledger only excuses them.
 - **dropped with a deleted per-scan queue**: objects of the scans routed through a per-scan queue
-  that a fault deleted (``ps_delete`` with reason ``fault``), not delivered from it before the
+  that a fault deleted, or the admin deleted on an abort (``ps_delete`` with reason ``fault`` or
+  ``abort``: the queue may also hold other scans' messages, a hold's), not delivered from it before the
   deletion (also those the explorer had not published yet: they can no longer reach any queue).
 - **aborted**: scans the admin aborted (``phase`` events named ``scan_aborted``).
 - **owed**: expected, neither answered nor excused by the three above. A run is complete when
@@ -195,7 +196,7 @@ class Ledger:
             self._version += 1
 
     def _on_ps_delete(self, e: dict) -> None:
-        if e.get("reason") == "fault":
+        if e.get("reason") in ("fault", "abort"):
             queue = e.get("queue")
             self._ps_deleted[queue] = min(e["t"], self._ps_deleted.get(queue, e["t"]))
             self._version += 1

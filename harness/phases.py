@@ -76,6 +76,8 @@ class PhaseDriver:
     def tick(self, ready: Callable[[str], int | None], samples: Callable[[], int]) -> None:
         """Top the holds up from the latest sample; note the phases whose publishing is over."""
         for index, hold in self.holds.items():
+            if self.admin is not None and hold.stopped_early is None and self.admin.was_deleted(hold.queue):
+                hold.stopped_early = "the admin deleted its per-scan queue"
             count = hold.top_up(time.monotonic(), ready(hold.queue), samples())
             if count:
                 self._start_publisher(index, lambda index=index, hold=hold, count=count:
