@@ -24,8 +24,11 @@ appended (``LiveLedger``, a ``HistoryWriter`` listener) and a checker from a sav
   publishes those are (``mark_unroutable``); the ledger only excuses them.
 - **dropped with a deleted per-scan queue**: objects of the scans routed through a per-scan queue
   that a fault deleted, or the admin deleted on an abort (``ps_delete`` with reason ``fault`` or
-  ``abort``: the queue may also hold other scans' messages, a hold's), not delivered from it before the
-  deletion (also those the explorer had not published yet: they can no longer reach any queue).
+  ``abort``: the queue may also hold other scans' messages, a hold's), unless a stage kept one: its
+  latest delivery from the queue came before the deletion and that stage did not cancel its consumer
+  on the queue in between (a worker pausing a per-scan queue returns what it had prefetched, which
+  the tracer does not show). Objects the explorer had not published yet are excused too: they can
+  no longer reach any queue.
 - **aborted**: scans the admin aborted (``phase`` events named ``scan_aborted``).
 - **owed**: expected, neither answered nor excused by the three above. A run is complete when
   nothing is owed; an object still owed at the end is lost.
@@ -36,6 +39,8 @@ import bisect
 import threading
 from collections import Counter
 from typing import Any, Iterable
+
+from harness.messages import PER_SCAN_PREFIX
 
 RESULT_QUEUE = "os2ds_matches"
 PROBLEM_QUEUE = "os2ds_problems"
@@ -95,6 +100,8 @@ class Ledger:
         self._restarts: list[float] = []  # restart_broker faults
         self._scan_queue: dict[str, str] = {}  # scan -> its per-scan queue
         self._ps_deleted: dict[str, float] = {}  # per-scan queue -> when a fault deleted it (ps_delete)
+        self._ps_deliveries: dict[str, list[tuple[float, Any, Key]]] = {}  # per-scan queue -> (t, stage, key)
+        self._ps_cancels: dict[tuple[str, Any], list[float]] = {}  # (per-scan queue, stage) -> consumer_deleted
 
     @classmethod
     def of(cls, events: Iterable[dict], unroutable: Iterable[dict] = ()) -> "Ledger":
@@ -182,6 +189,9 @@ class Ledger:
             if where not in self._first_taken or e["t"] < self._first_taken[where]:
                 self._first_taken[where] = e["t"]
                 self._version += e.get("queue") in self._deletion_faults or e.get("queue") in self._ps_deleted
+            if str(e.get("queue")).startswith(PER_SCAN_PREFIX):
+                self._ps_deliveries.setdefault(e.get("queue"), []).append((e["t"], e.get("stage"), key))
+                self._version += e.get("queue") in self._ps_deleted
             if e.get("redelivered"):
                 self.redelivered.add(key)
         elif msg.get("type") == "ScanSpecMessage" and e.get("redelivered"):
@@ -194,6 +204,12 @@ class Ledger:
             queue = e.get("target")
             self._deletion_faults[queue] = min(e["t"], self._deletion_faults.get(queue, e["t"]))
             self._version += 1
+
+    def _on_consumer_deleted(self, e: dict) -> None:
+        queue = e.get("queue")
+        if str(queue).startswith(PER_SCAN_PREFIX):
+            self._ps_cancels.setdefault((queue, e.get("stage")), []).append(e["t"])
+            self._version += queue in self._ps_deleted
 
     def _on_ps_delete(self, e: dict) -> None:
         if e.get("reason") in ("fault", "abort"):
@@ -250,10 +266,20 @@ class Ledger:
         deleted = self._ps_deleted
         if not deleted:
             return set()
-        taken = {key for (queue, key), t in self._first_taken.items() if queue in deleted and t < deleted[queue]}
+        kept = set().union(*(self._kept_from(queue, t) for queue, t in deleted.items()))
         owned = {key for key in self.expected if self._scan_queue.get(key[0]) in deleted}
         published = set().union(*(self._published_to.get(queue, set()) for queue in deleted))
-        return (owned | published) - taken
+        return (owned | published) - kept
+
+    def _kept_from(self, queue: str, deleted_at: float) -> set[Key]:
+        """Objects a stage still held when the admin deleted ``queue``: delivered last before the
+        deletion to a stage that did not cancel its consumer on the queue since."""
+        last: dict[Key, tuple[float, Any]] = {}
+        for t, stage, key in self._ps_deliveries.get(queue, ()):
+            if t < deleted_at and (key not in last or t > last[key][0]):
+                last[key] = (t, stage)
+        return {key for key, (t, stage) in last.items()
+                if not any(t < c < deleted_at for c in self._ps_cancels.get((queue, stage), ()))}
 
     def owed_in(self, scans: Iterable[str]) -> int:
         """Objects of these scans still owed (the admin deletes a per-scan queue at 0)."""

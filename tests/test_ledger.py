@@ -223,3 +223,15 @@ def test_the_live_ledger_says_when_a_scan_queue_may_go():
     assert live.scan_state(["s"]) == "answered"
     live(ev(2, "phase", name="scan_aborted", scan="t", client="c"))
     assert live.scan_state(["t"]) == "aborted"
+
+
+def test_a_delivery_returned_by_a_pause_before_the_deletion_is_excused():
+    events = [per_scan_plan(0, "s", ["a", "b"]), conversion(1, "s", "a", queue=PS_QUEUE),
+              conversion(1, "s", "b", queue=PS_QUEUE), deliver(2, "s", "a", queue=PS_QUEUE),
+              deliver(2, "s", "b", queue=PS_QUEUE),
+              ev(2.5, "consumer_deleted", stage="worker", queue=PS_QUEUE, tag="c1", chan="ch"),  # paused: 'a' returned
+              deliver(3, "s", "b", queue=PS_QUEUE, redelivered=True),  # 'b' taken again by a new consumer
+              ps_delete(4, "fault")]
+    for order in (events, list(reversed(events))):
+        ledger = Ledger.of(order)
+        assert ledger.lost == [("s", "b")] and ledger.dropped_by_fault == [("s", "a")]
