@@ -48,6 +48,9 @@ WORKLOAD_TYPES = ("ScanSpecMessage", "ConversionMessage")  # what the harness's 
 # A queue_deleted stamped this long before the deletion fault still is that deletion (the broker's
 # event and the fault are stamped by two threads).
 DELETED_BEFORE_FAULT = 1.0
+# The firehose stamps a delivery when the observer reads it, the event exchange a consumer's cancel when
+# the broker makes it: a delivery recorded up to this long after a cancel may have come before it.
+CANCEL_SKEW = 0.5
 
 Key = tuple[Any, Any]
 
@@ -279,7 +282,7 @@ class Ledger:
             if t < deleted_at and (key not in last or t > last[key][0]):
                 last[key] = (t, stage)
         return {key for key, (t, stage) in last.items()
-                if not any(t < c < deleted_at for c in self._ps_cancels.get((queue, stage), ()))}
+                if not any(t - CANCEL_SKEW < c < deleted_at for c in self._ps_cancels.get((queue, stage), ()))}
 
     def owed_in(self, scans: Iterable[str]) -> int:
         """Objects of these scans still owed (the admin deletes a per-scan queue at 0)."""
