@@ -268,13 +268,17 @@ class Admin:
 
     # -- deleting --------------------------------------------------------------------
     def _delete_finished(self) -> None:
+        # The results are read straight from the output queues, the conversions' publishes through the
+        # firehose, which may lag under load: a scan looks answered before the tracer has recorded every
+        # publish into its queue, and a deletion then would make those publishes look unroutable.
+        traced = not getattr(self.observer, "firehose_backlog", None)
         for live in list(self._live.values()):
             if live.phase is None or not live.scans:
                 continue
             state = self.scan_state(live.scans)
             if state == "aborted":
                 self._delete(live, "abort")
-            elif state == "answered" and live.phase in self._done_phases:
+            elif state == "answered" and live.phase in self._done_phases and traced:
                 self._delete(live, "scan_end")
 
     def _delete(self, live: LiveQueue, reason: str) -> None:
