@@ -44,6 +44,7 @@ Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\
 Seconds = Annotated[float, Field(ge=0.0)]
 # A per-scan queue's tag (ENGINE_CONTRACT.md section 7: exact, case-sensitive words).
 Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+_TAG = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 # Names of phases and faults, for triggers and reports: free text such as "burst into middle".
 Label = Annotated[str, Field(min_length=1, max_length=80, pattern=r"^\S(.*\S)?$")]
 
@@ -269,6 +270,14 @@ class Phase(Strict):
     # tags it (delta / full from the mode); a tag = the same with that tag forced; false = the client's
     # conversion queues even when the client is per_scan; absent = the client's per_scan decides.
     per_scan: bool | Tag | None = None
+
+    @field_validator("per_scan", mode="before")
+    @classmethod
+    def per_scan_value(cls, value: Any) -> Any:
+        # One reason instead of pydantic's one per member of the union.
+        if value is None or isinstance(value, bool) or (isinstance(value, str) and _TAG.fullmatch(value)):
+            return value
+        raise ValueError(f"true, false or a tag (one word of letters, digits, '_' or '-'), not {value!r}")
 
     @model_validator(mode="after")
     def consistent(self) -> "Phase":
