@@ -179,13 +179,13 @@ class Nemesis:
         if scan is None:
             raise NemesisError(f"abort_scan: client {fault.target!r} has no scan planned yet")
         self.history.record("phase", name="scan_aborted", scan=scan.scan, client=fault.target)
-        command = {"abort": scan.spec["scan_tag"], "log_level": None, "profiling": None}
+        abort = command(abort=scan.spec["scan_tag"])  # all seven keys, as a 3.32 admin writes it
         properties = pika.BasicProperties(priority=10, delivery_mode=2, content_encoding="gzip")
         with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
             channel = connection.channel()
             channel.exchange_declare("broadcast", "fanout", durable=True)
             channel.confirm_delivery()
-            channel.basic_publish("broadcast", "", encode_body(command), properties)
+            channel.basic_publish("broadcast", "", encode_body(abort), properties)
 
     def _bad_command(self, fault: Fault) -> None:
         shapes = [fault.params["shape"]] if "shape" in fault.params else list(DEFAULT_BAD_COMMANDS)
