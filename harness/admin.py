@@ -76,7 +76,7 @@ class Admin:
     ``reply_stale`` and ``short_scan``. ``scan_state(scans)`` is the live ledger's."""
 
     def __init__(self, parameters: pika.ConnectionParameters, history: HistoryWriter,
-                 scan_state: Callable[[list[str]], str], observer, rebroadcast_seconds: float,
+                 scan_state: Callable[[list[str], str], str], observer, rebroadcast_seconds: float,
                  say: Callable[[str], None] = lambda text: None, phase_names: list[str | None] = ()):
         self.parameters = parameters
         self.phase_names = list(phase_names)  # the scenario's workload names, for faults that name a phase
@@ -269,16 +269,15 @@ class Admin:
     # -- deleting --------------------------------------------------------------------
     def _delete_finished(self) -> None:
         # The results are read straight from the output queues, the conversions' publishes through the
-        # firehose, which may lag under load: a scan looks answered before the tracer has recorded every
-        # publish into its queue, and a deletion then would make those publishes look unroutable.
-        traced = not getattr(self.observer, "firehose_backlog", None)
+        # firehose, which may lag under load: a scan is finished for the admin once the tracer has also
+        # seen every conversion published into its queue, or a deletion would make those look unroutable.
         for live in list(self._live.values()):
             if live.phase is None or not live.scans:
                 continue
-            state = self.scan_state(live.scans)
+            state = self.scan_state(live.scans, live.name)
             if state == "aborted":
                 self._delete(live, "abort")
-            elif state == "answered" and live.phase in self._done_phases and traced:
+            elif state == "answered" and live.phase in self._done_phases:
                 self._delete(live, "scan_end")
 
     def _delete(self, live: LiveQueue, reason: str) -> None:

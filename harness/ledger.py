@@ -291,6 +291,11 @@ class Ledger:
             else self._unanswered
         return sum(1 for key in pool if key[0] in wanted)
 
+    def published_into(self, queue: str, scans: Iterable[str]) -> bool:
+        """Every expected object of these scans has had its conversion published into ``queue``."""
+        wanted, published = set(scans), self._published_to.get(queue, set())
+        return all(key in published for key in self.expected if key[0] in wanted)
+
     def _owed(self) -> set[Key]:
         if self._cache is None or self._cache[0] != self._version:
             excusing = self._deletion_faults or self._ps_deleted or self.unroutable
@@ -366,11 +371,16 @@ class LiveLedger:
         with self._lock:
             return self._ledger.harness_publishes
 
-    def scan_state(self, scans: Iterable[str]) -> str:
+    def scan_state(self, scans: Iterable[str], queue: str | None = None) -> str:
         """'aborted' when the admin aborted one of these scans, 'owed' while an object of them is
-        owed, else 'answered' (what the admin reads to delete a per-scan queue)."""
+        owed, 'untraced' while the tracer has not yet seen every object's conversion published into
+        ``queue``, else 'answered' (what the admin reads to delete a per-scan queue)."""
         scans = list(scans)
         with self._lock:
             if any(scan in self._ledger.aborted for scan in scans):
                 return "aborted"
-            return "owed" if self._ledger.owed_in(scans) else "answered"
+            if self._ledger.owed_in(scans):
+                return "owed"
+            if queue is not None and not self._ledger.published_into(queue, scans):
+                return "untraced"
+            return "answered"

@@ -121,6 +121,8 @@ def test_the_admin_announces_answers_a_hello_and_deletes_a_finished_scan(admin, 
     assert reasons == {"scan_start", "hello_reply", "rebroadcast"}
 
     admin.phase_done(0)
+    history.record("publish", exchange="", routing_key=queue, stage="harness", routed=[queue],
+                   msg={"type": "ConversionMessage", "scan": "s1", "org": "o", "object": "doc"})
     history.record("publish", exchange="", routing_key="os2ds_matches", stage="worker", routed=["os2ds_matches"],
                    msg={"type": "MatchesMessage", "scan": "s1", "org": "o", "object": "/doc"})
     deadline = time.monotonic() + 5

@@ -221,6 +221,9 @@ def test_the_live_ledger_says_when_a_scan_queue_may_go():
     assert live.scan_state(["s"]) == "owed"
     live(result(1, "s", "a"))
     assert live.scan_state(["s"]) == "answered"
+    assert live.scan_state(["s"], PS_QUEUE) == "untraced", "its conversion's publish is not recorded yet"
+    live(conversion(0.5, "s", "a", queue=PS_QUEUE))
+    assert live.scan_state(["s"], PS_QUEUE) == "answered"
     live(ev(2, "phase", name="scan_aborted", scan="t", client="c"))
     assert live.scan_state(["t"]) == "aborted"
 
