@@ -150,3 +150,59 @@ def test_stale_replies_and_a_short_scan(admin, amqp_channel, history):
     assert replies[0][2]["new_queue"] == stale
     kinds = [(e["type"], e.get("reason")) for e in history.events if e["type"] in ("ps_announce", "ps_delete")]
     assert kinds[:2] == [("ps_announce", "fault"), ("ps_delete", "fault")]
+
+
+def test_per_scan_queue_names_never_collide(tmp_path):
+    from harness.workload import Workload
+    scenario = parse_scenario({
+        "clients": [{"name": "a", "per_scan": True}, {"name": "b", "per_scan": True}],
+        "stages": [{"name": "w", "kind": "worker"}],
+        "workload": [{"client": c, "mode": m, "via": "conversions", "scans": 3, "objects": 1}
+                     for c in ("a", "b") for m in ("full", "delta")] * 2})
+    workload = Workload(scenario, tmp_path)
+    planned = [scan for phase in workload.plan_all() for scan in phase]
+    names = [scan.conversion_queue for scan in planned]
+    assert len(set(names)) == len(names) == 24
+    assert all(scan.spec["conversion_queue"] == scan.conversion_queue == per_scan_queue(scan.spec["scan_tag"])
+               for scan in planned)
+    assert workload.per_scan_queue(5, 2) == planned[5 * 3 + 2].conversion_queue
+    # A hold's later top-ups (numbered past a day's worth of minutes) still get names of their own.
+    assert workload.per_scan_queue(0, 1440) not in names
+    assert {scan.as_event()["per_scan"] for scan in planned} == {"full", "delta"}
+
+
+class FakeAdmin:
+    def __init__(self):
+        self.opened, self.deleted, self.done = [], set(), []
+
+    def open_scans(self, scans):
+        self.opened += scans
+
+    def was_deleted(self, queue):
+        return queue in self.deleted
+
+    def phase_done(self, index):
+        self.done.append(index)
+
+
+def test_a_per_scan_hold_keeps_one_queue_and_stops_when_the_admin_deletes_it(tmp_path, history):
+    from harness.phases import PhaseDriver
+    from harness.schedule import Happenings
+    from harness.workload import Workload
+    scenario = parse_scenario({"clients": [{"name": "a", "per_scan": True}], "stages": [{"name": "w", "kind": "worker"}],
+                               "workload": [{"name": "busy", "client": "a", "via": "conversions",
+                                             "hold": {"seconds": 60}}]})
+    workload, admin = Workload(scenario, tmp_path), FakeAdmin()
+    driver = PhaseDriver(scenario, workload, None, history, 1.0, Happenings(), lambda grace: False, lambda text: None,
+                         {}, admin)
+    driver.launch(0, scenario.workload[0])
+    queue = driver.holds[0].queue
+    assert queue == workload.per_scan_queue(0, 0) and queue.startswith("osds_conversions.")
+    top_ups = [workload.plan_scan(0, n, objects=2, conversion_queue=queue) for n in (0, 7)]
+    assert {scan.conversion_queue for scan in top_ups} == {queue} and len({scan.scan for scan in top_ups}) == 2
+    driver._register(top_ups)
+    assert admin.opened == top_ups
+    admin.deleted.add(queue)
+    driver.tick(lambda q: 0, lambda: 5)
+    assert driver.holds[0].stopped_early == "the admin deleted its per-scan queue"
+    assert [e["per_scan"] for e in history.events if e["type"] == "scan_planned"] == ["full", "full"]
