@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from harness.admin import AdminError
 from harness.flood import Flood
 from harness.history import HistoryWriter
 from harness.messages import scan_id
@@ -118,6 +119,8 @@ class PhaseDriver:
             else:
                 planned = [self.workload.plan_scan(index, first + k) for k in range(count)]
             self._publish(self._register(planned), None)
+        except AdminError as exc:  # the admin could not declare the scan's queue: the run ends
+            self.errors.append(exc)
         finally:
             hold.confirmed(count, samples())
 
