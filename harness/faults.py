@@ -17,21 +17,25 @@ them (``--markdown`` for the docs table of engine faults).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 # -- harness faults -------------------------------------------------------------------------
 POISON_SHAPES = ("not_json", "missing_fields")
-BAD_COMMAND_SHAPES = ("empty", "not_json", "not_a_command")
+BAD_COMMAND_SHAPES = ("empty", "not_json", "not_a_command", "no_abort", "bad_hello")
+# What bad_command sends without a shape: one of each shape an engine before 3.32 also met.
+DEFAULT_BAD_COMMANDS = ("empty", "not_json", "not_a_command")
 
-# Parameter types: 'bool', 'seconds' (> 0), 'count' (whole number >= 1), or a tuple of choices.
+# Parameter types: 'bool', 'seconds' (> 0), 'count' (whole number >= 1), 'tag' (a per-scan tag: one word
+# of letters, digits, '_' or '-'), or a tuple of choices.
 ParamType = str | tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class HarnessFault:
     kind: str
-    target: str | None  # what ``target:`` names: 'queue', 'stage', 'client', or None for no target
+    target: str | None  # what ``target:`` names: 'queue', 'stage', 'client', 'phase', or None for no target
     description: str
     params: dict[str, ParamType] = field(default_factory=dict)
 
@@ -50,7 +54,15 @@ HARNESS_FAULTS: dict[str, HarnessFault] = {f.kind: f for f in [
     # broadcast exchange, so that command handling (RT-BROADCAST) is exercised.
     HarnessFault("abort_scan", "client", "the admin aborts the client's latest scan (a command on broadcast)"),
     HarnessFault("bad_command", None, "publish malformed messages on the broadcast exchange: `count` of "
-                 "each `shape` (default: one of every shape)", {"shape": BAD_COMMAND_SHAPES, "count": "count"}),
+                 "each `shape` (default: empty, not_json and not_a_command; no_abort is a 3.32 new_queue without "
+                 "'abort', bad_hello a worker_hello naming no queue)", {"shape": BAD_COMMAND_SHAPES, "count": "count"}),
+    # The admin's part in OS2datascanner 3.32 (per-scan queues), played wrong or at a bad moment on purpose.
+    HarnessFault("delete_scan_queue", "phase", "the admin deletes the phase's (first live) per-scan queue as at "
+                 "a scan's end: delete_queue on broadcast, then queue.delete (its messages are discarded)"),
+    HarnessFault("stale_hello_reply", None, "from now on the admin's reply to a worker_hello starts with a "
+                 "queue that no longer exists, then the live ones (make a worker say hello: close_connection)"),
+    HarnessFault("short_scan", None, "the admin announces a new per-scan queue tagged `tag` (default full) "
+                 "and deletes it at once", {"tag": "tag"}),
 ]}
 
 
@@ -69,6 +81,8 @@ def param_problem(kind: str, key: str, value: Any) -> str | None:
         return "must be a number of seconds > 0"
     if wanted == "count" and not (number and isinstance(value, int) and value >= 1):
         return "must be a whole number >= 1"
+    if wanted == "tag" and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", value)):
+        return "must be a tag: one word of letters, digits, '_' or '-'"
     return None
 
 

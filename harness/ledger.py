@@ -22,6 +22,13 @@ appended (``LiveLedger``, a ``HistoryWriter`` listener) and a checker from a sav
   ``queue_deleted`` from 1 s before the fault on, else the fault). One a stage took is still owed.
 - **dropped unroutable**: objects whose conversion no queue received. RT-ROUTABLE decides which
   publishes those are (``mark_unroutable``); the ledger only excuses them.
+- **dropped with a deleted per-scan queue**: objects of the scans routed through a per-scan queue
+  that a fault deleted, or the admin deleted on an abort (``ps_delete`` with reason ``fault`` or
+  ``abort``: the queue may also hold other scans' messages, a hold's), unless a stage kept one: its
+  latest delivery from the queue came before the deletion and that stage did not cancel its consumer
+  on the queue in between (a worker pausing a per-scan queue returns what it had prefetched, which
+  the tracer does not show). Objects the explorer had not published yet are excused too: they can
+  no longer reach any queue.
 - **aborted**: scans the admin aborted (``phase`` events named ``scan_aborted``).
 - **owed**: expected, neither answered nor excused by the three above. A run is complete when
   nothing is owed; an object still owed at the end is lost.
@@ -33,12 +40,17 @@ import threading
 from collections import Counter
 from typing import Any, Iterable
 
+from harness.messages import PER_SCAN_PREFIX
+
 RESULT_QUEUE = "os2ds_matches"
 PROBLEM_QUEUE = "os2ds_problems"
 WORKLOAD_TYPES = ("ScanSpecMessage", "ConversionMessage")  # what the harness's flood publishes
 # A queue_deleted stamped this long before the deletion fault still is that deletion (the broker's
 # event and the fault are stamped by two threads).
 DELETED_BEFORE_FAULT = 1.0
+# The firehose stamps a delivery when the observer reads it, the event exchange a consumer's cancel when
+# the broker makes it: a delivery recorded up to this long after a cancel may have come before it.
+CANCEL_SKEW = 0.5
 
 Key = tuple[Any, Any]
 
@@ -90,6 +102,10 @@ class Ledger:
         self._reconnects: list[float] = []  # the observer's reconnects: its reads are counted per connection
         self._answer_times: dict[Key, list[float]] = {}  # key -> times a result of it was seen
         self._restarts: list[float] = []  # restart_broker faults
+        self._scan_queue: dict[str, str] = {}  # scan -> its per-scan queue
+        self._ps_deleted: dict[str, float] = {}  # per-scan queue -> when a fault deleted it (ps_delete)
+        self._ps_deliveries: dict[str, list[tuple[float, Any, Key]]] = {}  # per-scan queue -> (t, stage, key)
+        self._ps_cancels: dict[tuple[str, Any], list[float]] = {}  # (per-scan queue, stage) -> consumer_deleted
 
     @classmethod
     def of(cls, events: Iterable[dict], unroutable: Iterable[dict] = ()) -> "Ledger":
@@ -115,6 +131,8 @@ class Ledger:
 
     def _on_scan_planned(self, e: dict) -> None:
         self.scans += 1
+        if e.get("per_scan") is not None:
+            self._scan_queue[e.get("scan")] = e.get("conversion_queue")
         for path in e.get("objects") or ():
             key = object_key(e.get("scan"), path)
             self.expected.add(key)
@@ -128,7 +146,7 @@ class Ledger:
             self.harness_publishes += 1
         if msg.get("type") == "ConversionMessage":
             self._published_to.setdefault(e.get("routing_key"), set()).add(object_key(msg.get("scan"), msg.get("object")))
-            self._version += e.get("routing_key") in self._deletion_faults
+            self._version += e.get("routing_key") in self._deletion_faults or e.get("routing_key") in self._ps_deleted
         if e.get("exchange", "") == "" and e.get("routing_key") in (RESULT_QUEUE, PROBLEM_QUEUE):
             self._witness("published", e.get("routing_key"), msg, e.get("t"))
 
@@ -175,7 +193,10 @@ class Ledger:
             where = (e.get("queue"), key)
             if where not in self._first_taken or e["t"] < self._first_taken[where]:
                 self._first_taken[where] = e["t"]
-                self._version += e.get("queue") in self._deletion_faults
+                self._version += e.get("queue") in self._deletion_faults or e.get("queue") in self._ps_deleted
+            if str(e.get("queue")).startswith(PER_SCAN_PREFIX):
+                self._ps_deliveries.setdefault(e.get("queue"), []).append((e["t"], e.get("stage"), key))
+                self._version += e.get("queue") in self._ps_deleted
             if e.get("redelivered"):
                 self.redelivered.add(key)
         elif msg.get("type") == "ScanSpecMessage" and e.get("redelivered"):
@@ -187,6 +208,18 @@ class Ledger:
         if _deletes_queue(e.get("kind")):
             queue = e.get("target")
             self._deletion_faults[queue] = min(e["t"], self._deletion_faults.get(queue, e["t"]))
+            self._version += 1
+
+    def _on_consumer_deleted(self, e: dict) -> None:
+        queue = e.get("queue")
+        if str(queue).startswith(PER_SCAN_PREFIX):
+            self._ps_cancels.setdefault((queue, e.get("stage")), []).append(e["t"])
+            self._version += queue in self._ps_deleted
+
+    def _on_ps_delete(self, e: dict) -> None:
+        if e.get("reason") in ("fault", "abort"):
+            queue = e.get("queue")
+            self._ps_deleted[queue] = min(e["t"], self._ps_deleted.get(queue, e["t"]))
             self._version += 1
 
     def _on_queue_deleted(self, e: dict) -> None:
@@ -225,24 +258,57 @@ class Ledger:
 
     @property
     def gone(self) -> set[Key]:
-        """Objects whose conversion was still in a queue when a deletion fault deleted it."""
+        """Objects whose conversion was still in a queue when a deletion fault deleted it, and the
+        objects of a scan whose per-scan queue a fault deleted that were not taken from it before."""
         deleted = self.deleted_at()
-        if not deleted:
+        if not deleted and not self._ps_deleted:
             return set()
         taken = {key for (queue, key), t in self._first_taken.items() if queue in deleted and t < deleted[queue]}
         published = set().union(*(self._published_to.get(queue, set()) for queue in deleted))
-        return published - taken
+        return (published - taken) | self._gone_with_scan_queues()
+
+    def _gone_with_scan_queues(self) -> set[Key]:
+        deleted = self._ps_deleted
+        if not deleted:
+            return set()
+        kept = set().union(*(self._kept_from(queue, t) for queue, t in deleted.items()))
+        owned = {key for key in self.expected if self._scan_queue.get(key[0]) in deleted}
+        published = set().union(*(self._published_to.get(queue, set()) for queue in deleted))
+        return (owned | published) - kept
+
+    def _kept_from(self, queue: str, deleted_at: float) -> set[Key]:
+        """Objects a stage still held when the admin deleted ``queue``: delivered last before the
+        deletion to a stage that did not cancel its consumer on the queue since."""
+        last: dict[Key, tuple[float, Any]] = {}
+        for t, stage, key in self._ps_deliveries.get(queue, ()):
+            if t < deleted_at and (key not in last or t > last[key][0]):
+                last[key] = (t, stage)
+        return {key for key, (t, stage) in last.items()
+                if not any(t - CANCEL_SKEW < c < deleted_at for c in self._ps_cancels.get((queue, stage), ()))}
+
+    def owed_in(self, scans: Iterable[str]) -> int:
+        """Objects of these scans still owed (the admin deletes a per-scan queue at 0)."""
+        wanted = set(scans)
+        pool = self._owed() if (self.aborted or self._deletion_faults or self._ps_deleted or self.unroutable) \
+            else self._unanswered
+        return sum(1 for key in pool if key[0] in wanted)
+
+    def published_into(self, queue: str, scans: Iterable[str]) -> bool:
+        """Every expected object of these scans has had its conversion published into ``queue``."""
+        wanted, published = set(scans), self._published_to.get(queue, set())
+        return all(key in published for key in self.expected if key[0] in wanted)
 
     def _owed(self) -> set[Key]:
         if self._cache is None or self._cache[0] != self._version:
-            excused = self.gone | self.unroutable if self._deletion_faults or self.unroutable else set()
+            excusing = self._deletion_faults or self._ps_deleted or self.unroutable
+            excused = self.gone | self.unroutable if excusing else set()
             owed = {k for k in self._unanswered if k not in excused and k[0] not in self.aborted}
             self._cache = (self._version, owed)
         return self._cache[1]
 
     def owed(self) -> int:
         """Objects still owed a result (the runner waits for 0)."""
-        if not (self.aborted or self._deletion_faults or self.unroutable):
+        if not (self.aborted or self._deletion_faults or self._ps_deleted or self.unroutable):
             return len(self._unanswered)  # nothing excused: no set to build on the runner's loop
         return len(self._owed())
 
@@ -312,3 +378,17 @@ class LiveLedger:
     def harness_publishes(self) -> int:
         with self._lock:
             return self._ledger.harness_publishes
+
+    def scan_state(self, scans: Iterable[str], queue: str | None = None) -> str:
+        """'aborted' when the admin aborted one of these scans, 'owed' while an object of them is
+        owed, 'untraced' while the tracer has not yet seen every object's conversion published into
+        ``queue``, else 'answered' (what the admin reads to delete a per-scan queue)."""
+        scans = list(scans)
+        with self._lock:
+            if any(scan in self._ledger.aborted for scan in scans):
+                return "aborted"
+            if self._ledger.owed_in(scans):
+                return "owed"
+            if queue is not None and not self._ledger.published_into(queue, scans):
+                return "untraced"
+            return "answered"

@@ -23,6 +23,11 @@ OUTPUT_QUEUES = ("os2ds_matches", "os2ds_metadata", "os2ds_status", "os2ds_probl
 
 UNPARSEABLE = "Unparseable"
 
+# OS2datascanner 3.32 (ENGINE_CONTRACT.md section 7): per-scan queues and the seven-key command.
+PER_SCAN_PREFIX = "osds_conversions."
+COMMAND_KEYS = ("abort", "log_level", "profiling", "new_queue", "new_queue_priority", "delete_queue", "worker_hello")
+BROADCAST_EXCHANGE = "broadcast"
+
 
 def decode_body(body: bytes, content_encoding: str | None = None) -> Any:
     """The JSON value of a message body (gzip or plain); raises ValueError."""
@@ -41,6 +46,21 @@ def decode_body(body: bytes, content_encoding: str | None = None) -> Any:
 def encode_body(obj: Any) -> bytes:
     """Gzip of the JSON text, as OS2datascanner publishes."""
     return gzip.compress(json.dumps(obj).encode("utf-8"))
+
+
+def per_scan_queue(tag: dict[str, Any]) -> str:
+    """The per-scan queue the admin names for a scan: ``osds_conversions.<scanner pk>_<YYYYmmddTHHMMSS>``,
+    the scan tag's time in its own (local) offset, to the second."""
+    when = datetime.fromisoformat(str(tag["time"]))
+    return f"{PER_SCAN_PREFIX}{tag['scanner']['pk']}_{when.strftime('%Y%m%dT%H%M%S')}"
+
+
+def command(**fields: Any) -> dict[str, Any]:
+    """A CommandMessage as a 3.32 engine writes one: all seven keys present, the unnamed ones null."""
+    unknown = set(fields) - set(COMMAND_KEYS)
+    if unknown:
+        raise ValueError(f"not a command key: {', '.join(sorted(unknown))}")
+    return {key: fields.get(key) for key in COMMAND_KEYS}
 
 
 def classify(obj: Any) -> str:
@@ -139,4 +159,7 @@ def summarise(body: bytes, content_encoding: str | None = None) -> dict[str, Any
         summary["status_is_error"] = obj.get("status_is_error")
     elif msg_type == "ProblemMessage":
         summary["message"] = str(obj.get("message"))[:200]
+    elif msg_type == "CommandMessage":
+        # The 3.32 keys that name a queue or a tag, when set (new_queue, delete_queue, worker_hello).
+        summary.update({key: obj[key] for key in COMMAND_KEYS[3:] if obj.get(key) is not None})
     return summary

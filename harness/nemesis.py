@@ -6,6 +6,7 @@ so that other clauses know which disturbances were on purpose.
 """
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -13,11 +14,12 @@ from typing import Callable
 
 import pika
 
+from harness.admin import AdminError
 from harness.broker import Broker, BrokerError
 from harness.history import HistoryWriter
 from harness.flood import poison_body
-from harness.messages import encode_body
-from harness.faults import BAD_COMMAND_SHAPES
+from harness.messages import command, encode_body
+from harness.faults import BAD_COMMAND_SHAPES, DEFAULT_BAD_COMMANDS
 from harness.scenario import Fault
 
 
@@ -33,6 +35,13 @@ def bad_command_body(shape: str) -> tuple[bytes, pika.BasicProperties]:
         return b"\x00this is not a command {", pika.BasicProperties(priority=10, delivery_mode=2)
     if shape == "not_a_command":
         return encode_body({"greeting": "hello", "scan_tag": None}), command_like
+    if shape == "no_abort":
+        # 3.32's keys without 'abort': the engine must refuse it, not subscribe to a queue nobody declared.
+        return encode_body({"new_queue": "osds_conversions.0_19700101T000000", "new_queue_priority": "full",
+                            "delete_queue": None, "worker_hello": None}), command_like
+    if shape == "bad_hello":
+        # A worker_hello naming no queue: an admin must not answer it, nor stop answering others.
+        return json.dumps({**command(), "worker_hello": 42}).encode(), pika.BasicProperties()
     raise ValueError(f"unknown bad_command shape {shape!r}; known: {', '.join(BAD_COMMAND_SHAPES)}")
 
 
@@ -46,7 +55,8 @@ class Nemesis:
     is in the history it records, for the ledger to read."""
 
     def __init__(self, broker: Broker, vhost: str, history: HistoryWriter, launcher, observer,
-                 say: Callable[[str], None], latest_scan: Callable[[str], object | None] = lambda client: None):
+                 say: Callable[[str], None], latest_scan: Callable[[str], object | None] = lambda client: None,
+                 admin=None):
         self.broker = broker
         self.vhost = vhost
         self.history = history
@@ -61,6 +71,7 @@ class Nemesis:
         self._broker_back_at: float | None = None
         # The latest planned scan of a client (a workload.PlannedScan), or None: what abort_scan aborts.
         self.latest_scan = latest_scan
+        self.admin = admin  # harness.admin.Admin, for the faults that act as OS2datascanner's admin
 
     def _in_background(self, work: Callable[[], None], kind: str) -> None:
         """Faults that take time (a close the API must learn of, a pause, a restart) run off the
@@ -168,16 +179,16 @@ class Nemesis:
         if scan is None:
             raise NemesisError(f"abort_scan: client {fault.target!r} has no scan planned yet")
         self.history.record("phase", name="scan_aborted", scan=scan.scan, client=fault.target)
-        command = {"abort": scan.spec["scan_tag"], "log_level": None, "profiling": None}
+        abort = command(abort=scan.spec["scan_tag"])  # all seven keys, as a 3.32 admin writes it
         properties = pika.BasicProperties(priority=10, delivery_mode=2, content_encoding="gzip")
         with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
             channel = connection.channel()
             channel.exchange_declare("broadcast", "fanout", durable=True)
             channel.confirm_delivery()
-            channel.basic_publish("broadcast", "", encode_body(command), properties)
+            channel.basic_publish("broadcast", "", encode_body(abort), properties)
 
     def _bad_command(self, fault: Fault) -> None:
-        shapes = [fault.params["shape"]] if "shape" in fault.params else list(BAD_COMMAND_SHAPES)
+        shapes = [fault.params["shape"]] if "shape" in fault.params else list(DEFAULT_BAD_COMMANDS)
         with pika.BlockingConnection(self.broker.connection_parameters(self.vhost)) as connection:
             channel = connection.channel()
             channel.exchange_declare("broadcast", "fanout", durable=True)
@@ -185,6 +196,24 @@ class Nemesis:
             for shape in shapes * int(fault.params.get("count", 1)):
                 body, properties = bad_command_body(shape)
                 channel.basic_publish("broadcast", "", body, properties)
+
+    # -- the admin's faults (per-scan queues, OS2datascanner 3.32) -----------------
+    def _as_admin(self, fault: Fault, work: Callable[[], str]) -> None:
+        if self.admin is None:
+            raise NemesisError(f"{fault.kind}: the run has no admin (no phase is routed per scan)")
+        try:
+            self.say(f"  {fault.kind}: {work()}")
+        except AdminError as exc:
+            raise NemesisError(f"{fault.kind}: {exc}") from None
+
+    def _delete_scan_queue(self, fault: Fault) -> None:
+        self._as_admin(fault, lambda: self.admin.delete_phase_queue(fault.target))
+
+    def _stale_hello_reply(self, fault: Fault) -> None:
+        self._as_admin(fault, lambda: self.admin.reply_stale())
+
+    def _short_scan(self, fault: Fault) -> None:
+        self._as_admin(fault, lambda: self.admin.short_scan(fault.params.get("tag", "full")))
 
     def _restart_broker(self, fault: Fault) -> None:
         if self.broker.restart is None:

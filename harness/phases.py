@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from harness.admin import AdminError
 from harness.flood import Flood
 from harness.history import HistoryWriter
 from harness.messages import scan_id
@@ -29,7 +30,7 @@ class PhaseDriver:
 
     def __init__(self, scenario: Scenario, workload: Workload, flood: Flood, history: HistoryWriter, window: float,
                  happenings: Happenings, down_on_purpose: Callable[[float], bool], say: Callable[[str], None],
-                 backlog_objects: dict[int, int]):
+                 backlog_objects: dict[int, int], admin=None):
         self.scenario = scenario
         self.workload = workload
         self.flood = flood
@@ -39,6 +40,7 @@ class PhaseDriver:
         self.down_on_purpose = down_on_purpose
         self.say = say
         self.backlog_objects = backlog_objects  # phase index -> objects (or specs) of a lasting backlog
+        self.admin = admin  # harness.admin.Admin when the scenario routes scans per scan, else None
         self.holds: dict[int, HoldController] = {}
         self.errors: list[BaseException] = []
         self.latest: dict[str, Any] = {}  # client -> its latest workload.PlannedScan (what abort_scan aborts)
@@ -47,7 +49,7 @@ class PhaseDriver:
 
     def launch(self, index: int, phase: Phase) -> None:
         if phase.hold is not None:
-            queue = self.scenario.target_queue(phase)
+            queue = self._hold_queue(index, phase)
             self.holds[index] = hold = HoldController.for_hold(phase.hold, queue, time.monotonic(), self.window)
             self._threads.setdefault(index, [])
             self.history.record("hold", phase=f"workload.{index}", name=phase.name, state="started", queue=queue,
@@ -66,9 +68,17 @@ class PhaseDriver:
         self.say(f"workload.{index}: {len(planned)} {phase.mode} scan(s) of {phase.client}, {len(messages)} message(s)")
         self._start_publisher(index, lambda: self._publish(messages, phase.rate))
 
+    def _hold_queue(self, index: int, phase: Phase) -> str:
+        """The queue a hold keeps filled: a per-scan hold of conversions keeps its first scan's queue."""
+        if phase.via == "conversions" and self.scenario.per_scan_tag(phase) is not None:
+            return self.workload.per_scan_queue(index, 0)
+        return self.scenario.target_queue(phase)
+
     def tick(self, ready: Callable[[str], int | None], samples: Callable[[], int]) -> None:
         """Top the holds up from the latest sample; note the phases whose publishing is over."""
         for index, hold in self.holds.items():
+            if self.admin is not None and hold.stopped_early is None and self.admin.was_deleted(hold.queue):
+                hold.stopped_early = "the admin deleted its per-scan queue"
             count = hold.top_up(time.monotonic(), ready(hold.queue), samples())
             if count:
                 self._start_publisher(index, lambda index=index, hold=hold, count=count:
@@ -84,6 +94,9 @@ class PhaseDriver:
         """Record planned scans in the history (the ledger's expected objects); their messages in order."""
         messages: list[tuple[str, Any]] = []
         with self._lock:
+            if self.admin is not None:
+                # The admin declares and announces each per-scan queue before the scan's spec is sent.
+                self.admin.open_scans([scan for scan in planned if scan.per_scan is not None])
             for scan in planned:
                 self.latest[scan.client] = scan
                 self.history.record("scan_planned", **scan.as_event())
@@ -100,10 +113,14 @@ class PhaseDriver:
         first = hold.published  # scan numbers: one per message published so far, so never reused
         try:
             if phase.via == "conversions":
-                planned = [self.workload.plan_scan(index, first, objects=count)]
+                per_scan = self.scenario.per_scan_tag(phase) is not None
+                planned = [self.workload.plan_scan(index, first, objects=count,
+                                                   conversion_queue=hold.queue if per_scan else None)]
             else:
                 planned = [self.workload.plan_scan(index, first + k) for k in range(count)]
             self._publish(self._register(planned), None)
+        except AdminError as exc:  # the admin could not declare the scan's queue: the run ends
+            self.errors.append(exc)
         finally:
             hold.confirmed(count, samples())
 
@@ -117,6 +134,8 @@ class PhaseDriver:
             if not any(t.is_alive() for t in threads):
                 self.happenings.add(f"workload.{index}")
                 self.happenings.add(phase.name)
+                if self.admin is not None:
+                    self.admin.phase_done(index)
                 if hold is not None:
                     self.history.record("hold", phase=f"workload.{index}", name=phase.name, state="ended",
                                         **hold.summary())

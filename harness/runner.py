@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from harness import admin as ps_admin
 from harness.broker import Broker, BrokerError
 from harness.calibration import CalibrationError, Pace, calibrate, make_messages_for
 from harness.checkers import CLAUSE_IDS, check_all
@@ -130,12 +131,18 @@ class ScenarioRun:
                             window_sources=dict(self.windows.sources), **observer.sampling_parameters())
         launcher = StageLauncher(self.engine.command, self.engine.env, self.broker, self.vhost,
                                  self.report_dir, self.history, observer, self.engine.restart, self.say)
+        admin = ps_admin.Admin(self.broker.connection_parameters(self.vhost), self.history, self.ledger.scan_state,
+                               observer, scenario.admin.rebroadcast_seconds, self.say,
+                               [p.name for p in scenario.workload]) if ps_admin.needed(scenario) else None
         nemesis = Nemesis(self.broker, self.vhost, self.history, launcher, observer, self.say,
-                          latest_scan=lambda client: self.phases.latest.get(client) if self.phases else None)
+                          latest_scan=lambda client: self.phases.latest.get(client) if self.phases else None,
+                          admin=admin)
         self.nemesis = nemesis
         reason = "error"
         try:
             observer.start()
+            if admin is not None:  # before the stages, so that their first hellos are answered
+                admin.start()
             self.workload = Workload(scenario, self.data_dir)
             self._size_backlogs()
             self._observer = observer
@@ -143,7 +150,7 @@ class ScenarioRun:
                                progress=lambda p: self.say(progress_line(p)))
             self.phases = PhaseDriver(scenario, self.workload, self.flood, self.history, self.windows.W,
                                       self.happenings, lambda grace: nemesis.broker_down_on_purpose(grace=grace),
-                                      self.say, self.backlog_objects)
+                                      self.say, self.backlog_objects, admin)
             first = [s for s in scenario.stages if s.start == "immediately"]
             later = [s for s in scenario.stages if s.start == "after_workload"]
             if later:
@@ -156,7 +163,7 @@ class ScenarioRun:
             reason = ended.reason
             self.problems.append(ended.problem)
             self.say(ended.problem.splitlines()[0])
-        except (StageStartError, ObserverError, FloodError, BrokerError, CalibrationError) as exc:
+        except (StageStartError, ObserverError, FloodError, BrokerError, CalibrationError, ps_admin.AdminError) as exc:
             # The harness could not do its part (bad engine command, broker unreachable): say so plainly.
             self.problems.append(f"{type(exc).__name__}: {exc}")
             self.say(self.problems[-1].splitlines()[0])
@@ -169,6 +176,8 @@ class ScenarioRun:
             if self.flood is not None:
                 self.flood.cancel()
             nemesis.finish()
+            if admin is not None:
+                admin.stop()
             launcher.stop_all()
             observer.stop()
             self.history.record("run_finished", reason=reason)

@@ -44,6 +44,7 @@ Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\
 Seconds = Annotated[float, Field(ge=0.0)]
 # A per-scan queue's tag (ENGINE_CONTRACT.md section 7: exact, case-sensitive words).
 Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+_TAG = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 # Names of phases and faults, for triggers and reports: free text such as "burst into middle".
 Label = Annotated[str, Field(min_length=1, max_length=80, pattern=r"^\S(.*\S)?$")]
 
@@ -270,6 +271,14 @@ class Phase(Strict):
     # conversion queues even when the client is per_scan; absent = the client's per_scan decides.
     per_scan: bool | Tag | None = None
 
+    @field_validator("per_scan", mode="before")
+    @classmethod
+    def per_scan_value(cls, value: Any) -> Any:
+        # One reason instead of pydantic's one per member of the union.
+        if value is None or isinstance(value, bool) or (isinstance(value, str) and _TAG.fullmatch(value)):
+            return value
+        raise ValueError(f"true, false or a tag (one word of letters, digits, '_' or '-'), not {value!r}")
+
     @model_validator(mode="after")
     def consistent(self) -> "Phase":
         problems = []
@@ -404,6 +413,8 @@ class Scenario(Strict):
                 problems.append(f"@{where}.target: unknown stage {fault.target!r}{_known(fault.target, stages)}")
             if wants == "client" and fault.target is not None and fault.target not in clients:
                 problems.append(f"@{where}.target: unknown client {fault.target!r}{_known(fault.target, clients)}")
+            if wants == "phase" and fault.target is not None:
+                problems += self._phase_target_problems(where, fault.target)
             if wants == "queue" and fault.target is not None and fault.target not in queues:
                 problems.append(f"@{where}.target: {fault.target!r} is not a queue of this scenario"
                                 f"{_known(fault.target, sorted(queues))}")
@@ -417,8 +428,21 @@ class Scenario(Strict):
             raise ValueError("\n".join(problems))
         return self
 
+    def _phase_target_problems(self, where: str, target: str) -> list[str]:
+        """A fault that acts on a phase's per-scan queue names a phase routed per scan."""
+        names = [p.name for p in self.workload if p.name]
+        phase = next((p for p in self.workload if p.name == target), None)
+        if phase is None:
+            return [f"@{where}.target: no workload phase is named {target!r}{_known(target, names)}"]
+        if self.per_scan_tag(phase) is None:
+            return [f"@{where}.target: phase {target!r} is not routed per scan, so it has no per-scan queue "
+                    "(set per_scan on the phase or its client)"]
+        return []
+
     def _sizing_problems(self, where: str, phase: "Phase") -> list[str]:
         """A hold keeps the phase's own queue filled; a lasting backlog needs the stage that drains it."""
+        if self.per_scan_tag(phase) is not None:
+            return self._per_scan_problems(where, phase)
         target = self.target_queue(phase)
         problems = []
         if phase.hold is not None and phase.hold.queue not in (None, target):
@@ -427,6 +451,16 @@ class Scenario(Strict):
         if phase.lasting is not None and not self.drained_by(target):
             problems.append(f"@{where}.lasting: a lasting backlog is sized from the pace of the stage that drains "
                             f"it, and no stage with 'start: after_workload' reads {target!r}")
+        return problems
+
+    def _per_scan_problems(self, where: str, phase: "Phase") -> list[str]:
+        problems = []
+        if phase.lasting is not None:
+            problems.append(f"@{where}.lasting: a lasting backlog is sized on a vhost of its own, without the "
+                            "admin that per-scan routing needs; use scans or a hold with per_scan")
+        if phase.hold is not None and phase.hold.queue is not None:
+            problems.append(f"@{where}.hold.queue: the admin names a per-scan queue when its scan starts; leave "
+                            "out hold.queue (a hold of conversions keeps its first scan's queue filled)")
         return problems
 
     def target_queue(self, phase: "Phase") -> str:

@@ -40,7 +40,7 @@ from typing import Any
 
 from faker import Faker
 
-from harness.messages import scan_id
+from harness.messages import per_scan_queue, scan_id
 from harness.scenario import Phase, Scenario
 
 # The real engine's CPR rule as the admin sends it (wire-examples/scan_spec_full.json).
@@ -238,6 +238,7 @@ class PlannedScan:
     cpr_objects: list[str] = field(default_factory=list)  # objects with at least one planted CPR
     old_objects: list[str] = field(default_factory=list)  # delta: files before the cutoff (no result expected)
     cutoff: str | None = None  # delta: the last-modified "after" value
+    per_scan: str | None = None  # the tag its per-scan queue (conversion_queue) is announced with, or None
 
     def as_event(self) -> dict[str, Any]:
         """Fields of the history's ``scan_planned`` event."""
@@ -250,6 +251,7 @@ class PlannedScan:
             "conversion_queue": self.conversion_queue,
             "objects": list(self.objects),
             "via": self.via,
+            "per_scan": self.per_scan,
         }
 
 
@@ -295,22 +297,48 @@ class Workload:
         phase = self.scenario.workload[phase_index]
         return [self._plan_scan(phase_index, phase, number) for number in range(phase.scans)]
 
-    def plan_scan(self, phase_index: int, number: int, objects: int | None = None) -> PlannedScan:
+    def plan_scan(self, phase_index: int, number: int, objects: int | None = None,
+                  conversion_queue: str | None = None) -> PlannedScan:
         """One more scan of a phase, numbered ``number`` (for holds, lasting backlogs and calibration).
 
-        ``objects`` overrides the phase's count (a hold of conversions publishes one scan per top-up)."""
+        ``objects`` overrides the phase's count (a hold of conversions publishes one scan per top-up);
+        ``conversion_queue`` the per-scan queue (a per-scan hold of conversions keeps one queue filled)."""
         phase = self.scenario.workload[phase_index]
         if objects is not None:
             phase = phase.model_copy(update={"objects": objects})
-        return self._plan_scan(phase_index, phase, number)
+        return self._plan_scan(phase_index, phase, number, conversion_queue)
+
+    def per_scan_queue(self, phase_index: int, number: int) -> str | None:
+        """The per-scan queue scan ``number`` of a phase gets, or None when the phase is not routed per scan."""
+        phase = self.scenario.workload[phase_index]
+        if self.scenario.per_scan_tag(phase) is None:
+            return None
+        scan_time, _ = self._times(random.Random(self._scan_seed(phase_index, number)), phase_index, number)
+        client = self.scenario.client(phase.client)
+        return per_scan_queue({"time": scan_time.isoformat(), "scanner": {"pk": self.scanner_pks[(client.name, phase.mode)]}})
 
     def plan_all(self) -> list[list[PlannedScan]]:
         return [self.plan(index) for index in range(len(self.scenario.workload))]
 
     # Internals ------------------------------------------------------------------
 
-    def _plan_scan(self, phase_index: int, phase: Phase, number: int) -> PlannedScan:
-        rng = random.Random(f"{self.seed}/scan/{phase_index}/{number}")
+    def _scan_seed(self, phase_index: int, number: int) -> str:
+        return f"{self.seed}/scan/{phase_index}/{number}"
+
+    def _times(self, rng: random.Random, phase_index: int, number: int) -> tuple[datetime, datetime]:
+        """A scan's time and its delta cutoff; the first draws of the scan's own random stream.
+
+        One day per phase, one minute per scan; scans past a day's worth (holds) move 1000 days on,
+        so that two phases of one client and mode never share a scan time (the scan's identity, and
+        to the second the name of its per-scan queue)."""
+        days = phase_index + 1000 * (number // 1440)
+        scan_time = self.BASE_TIME + timedelta(
+            days=days, minutes=number % 1440, seconds=rng.randint(0, 59), microseconds=rng.randint(1, 999_999))
+        return scan_time, self.CUTOFF_BASE + timedelta(days=days, minutes=number % 1440)
+
+    def _plan_scan(self, phase_index: int, phase: Phase, number: int,
+                   per_scan_queue_name: str | None = None) -> PlannedScan:
+        rng = random.Random(self._scan_seed(phase_index, number))
         client = self.scenario.client(phase.client)
         org = self.organisations[client.name]
         delta = phase.mode == "delta"
@@ -322,12 +350,7 @@ class Workload:
             shutil.rmtree(source_dir)
         source_dir.mkdir(parents=True)
 
-        # One day per phase, one minute per scan; scans past a day's worth (holds) move 1000 days on,
-        # so that two phases of one client and mode never share a scan time (the scan's identity).
-        days = phase_index + 1000 * (number // 1440)
-        scan_time = self.BASE_TIME + timedelta(
-            days=days, minutes=number % 1440, seconds=rng.randint(0, 59), microseconds=rng.randint(1, 999_999))
-        cutoff_dt = self.CUTOFF_BASE + timedelta(days=days, minutes=number % 1440)
+        scan_time, cutoff_dt = self._times(rng, phase_index, number)
         cutoff = cutoff_dt.strftime(TIME_FORMAT) if delta else None
 
         n_old = 0
@@ -382,6 +405,10 @@ class Workload:
             "explorer_queue": explorer_queue,
             "conversion_queue": conversion_queue,
         }
+        tag = self.scenario.per_scan_tag(phase)
+        if tag is not None:
+            # Named as the admin names it; a per-scan hold of conversions keeps its first scan's queue.
+            spec["conversion_queue"] = conversion_queue = per_scan_queue_name or per_scan_queue(spec["scan_tag"])
         objects = [names[i] for i in expected_idx]
         if phase.via == "conversions":
             messages = [(conversion_queue, conversion_message(spec, name)) for name in objects]
@@ -403,6 +430,7 @@ class Workload:
             cpr_objects=[names[i] for i in expected_idx if i in cpr_idx],
             old_objects=[names[i] for i in old_idx],
             cutoff=cutoff,
+            per_scan=tag,
         )
 
 

@@ -177,3 +177,64 @@ def test_results_before_and_after_a_broker_restart_are_explained_by_it():
     assert straddling.duplicated == {("s", "a"): 2} and straddling.after_redelivery(("s", "a"))
     both_before = Ledger.of(base + [result(2, "s", "a")])
     assert both_before.duplicated and not both_before.after_redelivery(("s", "a"))
+
+
+# -- per-scan queues (OS2datascanner 3.32) -------------------------------------------------
+PS_QUEUE = "osds_conversions.101_20260105T070000"
+
+
+def per_scan_plan(t, scan, objects, queue=PS_QUEUE):
+    return {**plan(t, scan, objects, queue=queue), "per_scan": "full"}
+
+
+def ps_delete(t, reason, queue=PS_QUEUE, scan="s"):
+    return ev(t, "ps_delete", queue=queue, scan=scan, reason=reason, ready=3)
+
+
+def test_objects_of_a_scan_whose_queue_a_fault_deleted_are_excused_unless_taken_before():
+    events = [per_scan_plan(0, "s", ["a", "b", "c"]), conversion(1, "s", "a", queue=PS_QUEUE),
+              conversion(1, "s", "b", queue=PS_QUEUE), deliver(2, "s", "a", queue=PS_QUEUE),
+              ps_delete(3, "fault")]  # "c" was never published: the explorer had not got to it
+    for order in (events, list(reversed(events))):
+        ledger = Ledger.of(order)
+        assert ledger.lost == [("s", "a")], "a stage took 'a' before the deletion: it is still owed"
+        assert ledger.dropped_by_fault == [("s", "b"), ("s", "c")]
+
+
+def test_a_scan_end_deletion_excuses_nothing():
+    ledger = Ledger.of([per_scan_plan(0, "s", ["a", "b"]), result(1, "s", "a"), ps_delete(2, "scan_end")])
+    assert ledger.lost == [("s", "b")] and ledger.dropped_by_fault == []
+
+
+def test_owed_in_counts_only_the_scans_asked_for():
+    ledger = Ledger.of([per_scan_plan(0, "s", ["a", "b"]), per_scan_plan(0, "t", ["a"], queue="q2"),
+                        result(1, "s", "a")])
+    assert ledger.owed_in(["s"]) == 1 and ledger.owed_in(["t"]) == 1 and ledger.owed_in(["s", "t"]) == 2
+    ledger.add(result(2, "s", "b"))
+    assert ledger.owed_in(["s"]) == 0
+
+
+def test_the_live_ledger_says_when_a_scan_queue_may_go():
+    live = LiveLedger()
+    for event in (per_scan_plan(0, "s", ["a"]), per_scan_plan(0, "t", ["a"], queue="q2")):
+        live(event)
+    assert live.scan_state(["s"]) == "owed"
+    live(result(1, "s", "a"))
+    assert live.scan_state(["s"]) == "answered"
+    assert live.scan_state(["s"], PS_QUEUE) == "untraced", "its conversion's publish is not recorded yet"
+    live(conversion(0.5, "s", "a", queue=PS_QUEUE))
+    assert live.scan_state(["s"], PS_QUEUE) == "answered"
+    live(ev(2, "phase", name="scan_aborted", scan="t", client="c"))
+    assert live.scan_state(["t"]) == "aborted"
+
+
+def test_a_delivery_returned_by_a_pause_before_the_deletion_is_excused():
+    events = [per_scan_plan(0, "s", ["a", "b"]), conversion(1, "s", "a", queue=PS_QUEUE),
+              conversion(1, "s", "b", queue=PS_QUEUE), deliver(2, "s", "a", queue=PS_QUEUE),
+              deliver(2, "s", "b", queue=PS_QUEUE),
+              ev(2.5, "consumer_deleted", stage="worker", queue=PS_QUEUE, tag="c1", chan="ch"),  # paused: 'a' returned
+              deliver(3, "s", "b", queue=PS_QUEUE, redelivered=True),  # 'b' taken again by a new consumer
+              ps_delete(4, "fault")]
+    for order in (events, list(reversed(events))):
+        ledger = Ledger.of(order)
+        assert ledger.lost == [("s", "b")] and ledger.dropped_by_fault == [("s", "a")]

@@ -218,3 +218,72 @@ def test_pytest_reports_a_bad_file_without_traceback():
     assert result.returncode != 0
     assert "stages.1.queue_prioirty" in output and "typo_queue_prioirty.yaml" in output
     assert "Traceback" not in output
+
+
+# --- per-scan queues (OS2datascanner 3.32) ---------------------------------------------------
+
+def per_scan(**changes) -> dict:
+    data = {"clients": [{"name": "a", "per_scan": True}, {"name": "b"}],
+            "stages": [{"name": "worker", "kind": "worker", "conversion_priority": "delta full"}],
+            "workload": [{"name": "big", "client": "a", "via": "conversions", "objects": 5},
+                         {"name": "plain", "client": "b", "via": "conversions"}]}
+    data.update(changes)
+    return data
+
+
+def problems_of(data) -> dict[str, str]:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(data, "ps.yaml")
+    assert str(info.value).startswith("ps.yaml: invalid scenario")
+    return dict(info.value.problems)
+
+
+def test_per_scan_fields_and_tags():
+    scenario = parse_scenario(per_scan(workload=[
+        {"client": "a", "via": "conversions"}, {"client": "a", "mode": "delta", "via": "conversions"},
+        {"client": "a", "via": "conversions", "per_scan": "urgent"}, {"client": "a", "via": "conversions", "per_scan": False},
+        {"client": "b", "via": "conversions", "per_scan": True}]))
+    assert [scenario.per_scan_tag(p) for p in scenario.workload] == ["full", "delta", "urgent", None, "full"]
+    assert scenario.stages[0].conversion_priority == ["delta", "full"] and scenario.admin.rebroadcast_seconds == 60
+
+
+def test_conversion_priority_is_for_workers_and_not_for_env():
+    problems = problems_of(per_scan(stages=[
+        {"name": "explorer", "kind": "explorer", "conversion_priority": "full"},
+        {"name": "worker", "kind": "worker", "env": {"CONVERSION_PRIORITY": "full"}}]))
+    assert "only workers read CONVERSION_PRIORITY" in problems["stages.0.conversion_priority"]
+    assert "use the stage's conversion_priority" in problems["stages.1.env.CONVERSION_PRIORITY"]
+
+
+def test_a_phase_fault_names_a_per_scan_phase():
+    problems = problems_of(per_scan(faults=[{"kind": "delete_scan_queue", "target": "bog"},
+                                            {"kind": "delete_scan_queue", "target": "plain"}]))
+    assert problems["faults.0.target"].startswith("no workload phase is named 'bog'; did you mean 'big'?")
+    assert "not routed per scan" in problems["faults.1.target"]
+    assert "needs a target phase" in problems_of(per_scan(faults=[{"kind": "delete_scan_queue"}]))["faults.0.target"]
+
+
+def test_admin_fault_parameters():
+    problems = problems_of(per_scan(faults=[{"kind": "short_scan", "params": {"tag": "two words"}},
+                                            {"kind": "stale_hello_reply", "target": "worker"},
+                                            {"kind": "bad_command", "params": {"shape": "no_abort"}},
+                                            {"kind": "bad_command", "params": {"shape": "loud"}}]))
+    assert "must be a tag" in problems["faults.0.params.tag"]
+    assert "takes no target" in problems["faults.1.target"]
+    assert "faults.2.params.shape" not in problems and "must be one of" in problems["faults.3.params.shape"]
+
+
+def test_per_scan_holds_and_backlogs():
+    problems = problems_of(per_scan(workload=[
+        {"client": "a", "via": "conversions", "hold": {"windows": 2, "queue": "somewhere"}},
+        {"client": "a", "via": "conversions", "lasting": {"windows": 2}}]))
+    assert "leave out hold.queue" in problems["workload.0.hold.queue"]
+    assert "without the admin" in problems["workload.1.lasting"]
+    wrong = problems_of(per_scan(workload=[{"client": "a", "per_scan": "not a tag"}]))
+    assert wrong == {"workload.0.per_scan": "true, false or a tag (one word of letters, digits, '_' or '-'), "
+                                            "not 'not a tag'"}
+
+
+def test_rebroadcast_period_is_positive():
+    problems = problems_of(per_scan(admin={"rebroadcast_seconds": 0}))
+    assert "admin.rebroadcast_seconds" in problems

@@ -14,7 +14,7 @@ import pytest
 
 from harness.observer import Observer
 from harness.scenario import Restart, Stage
-from harness.stages import DEFAULT_COMMAND, StageExited, StageStartError
+from harness.stages import DEFAULT_COMMAND, StageExited, StageLauncher, StageStartError
 
 FAKE_STAGE = [sys.executable, str(Path(__file__).parent / "helpers" / "fake_stage.py"), "{stage}"]
 
@@ -258,3 +258,13 @@ def test_log_tails_lose_terminal_colour_codes(tmp_path):
     log = tmp_path / "worker.log"
     log.write_bytes(b"\x1b[32mINFO\x1b[0m started\n\x1b]0;title\x07\x1b[1;31mERROR\x1b[0m boom\n")
     assert read_tail(log) == "INFO started\nERROR boom"
+
+
+def test_conversion_priority_is_set_from_the_stage_and_never_inherited(tmp_path, monkeypatch):
+    # Broker-free: the environment a stage is started with (OS2datascanner 3.32's per-scan tags).
+    monkeypatch.setenv("CONVERSION_PRIORITY", "from the harness's own shell")
+    launcher = StageLauncher(None, {}, None, "v", tmp_path, None)
+    tagged = launcher.environment(Stage(name="w", kind="worker", conversion_priority="delta full"), tmp_path / "w.toml")
+    assert tagged["CONVERSION_PRIORITY"] == "delta full"
+    plain = launcher.environment(Stage(name="w", kind="worker"), tmp_path / "w.toml")
+    assert "CONVERSION_PRIORITY" not in plain

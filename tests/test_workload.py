@@ -251,7 +251,7 @@ def test_messages_classify_and_summarise_as_planned(tmp_path):
                 assert summary["conversion_queue"] == scan.conversion_queue
             event = scan.as_event()
             assert set(event) == {"scan", "client", "org", "mode", "explorer_queue", "conversion_queue",
-                                  "objects", "via"}
+                                  "objects", "via", "per_scan"}
             json.dumps(event)
 
 
