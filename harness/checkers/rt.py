@@ -136,6 +136,9 @@ def routing(ctx: Context) -> Routing:
     for f in ctx.history.of("fault"):
         if fault_family(f.get("kind")) == "queue_gone":
             deleted.setdefault(f.get("target"), f["t"])
+    for d in ctx.history.of("ps_delete"):  # the admin deleted a per-scan queue on a fault or an abort
+        if d.get("reason") in ("fault", "abort"):
+            deleted.setdefault(d.get("queue"), d["t"])
     for ev in ctx.history.of("publish"):
         ex = ev.get("exchange", "")
         rk = ev.get("routing_key") or ""
@@ -188,7 +191,9 @@ def check_routable(ctx: Context) -> ClauseResult:
 @clause("RT-BROADCAST", "commands travel only on the broadcast exchange")
 def check_broadcast(ctx: Context) -> ClauseResult:
     """Rule: a CommandMessage published to any exchange other than ``broadcast``, or delivered from a
-    queue that is not a server-named (amq.*) broadcast queue, is a violation."""
+    queue that is not a server-named (amq.*) broadcast queue, is a violation. One exception (3.32): the
+    admin's reply to a worker_hello, a ``new_queue`` command sent on the default exchange straight to
+    the worker's own command queue (amq.*)."""
     findings: list[Finding] = []
     n = 0
     for ev in ctx.history.of("publish", "deliver"):
@@ -197,7 +202,7 @@ def check_broadcast(ctx: Context) -> ClauseResult:
             continue
         if ev["type"] == "publish":
             n += 1
-            if ev.get("exchange") != "broadcast":
+            if ev.get("exchange") != "broadcast" and not _hello_reply(ev, msg):
                 where = ev.get("exchange") or f"the default exchange (routing key {ev.get('routing_key')})"
                 findings.append(Finding(
                     "RT-BROADCAST",
@@ -212,3 +217,10 @@ def check_broadcast(ctx: Context) -> ClauseResult:
                     ev.get("stage"), [q], ev["t"], ev["t"] + 0.5, [ev]))
     return ClauseResult("RT-BROADCAST", _outcome(findings, n), f"{n} command messages seen", findings)
 
+
+
+def _hello_reply(publish: dict, msg: dict) -> bool:
+    """The admin's answer to a worker_hello: a new_queue sent straight to the worker's own command queue
+    (a server-named ``amq.gen-...`` queue) on the default exchange (ENGINE_CONTRACT.md section 7)."""
+    return publish.get("exchange") == "" and str(publish.get("routing_key") or "").startswith("amq.") \
+        and msg.get("new_queue") is not None

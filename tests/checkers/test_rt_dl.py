@@ -115,6 +115,22 @@ def test_broadcast_fails_on_data_queue():
     assert r.findings[0].explanation.startswith("A CommandMessage was published to the default exchange (routing key q0)")
 
 
+def test_broadcast_allows_the_admins_hello_reply_to_a_workers_command_queue_only():
+    reply = HB().publish(1, "amq.gen-w-1", "CommandMessage", stage="harness", new_queue="osds_conversions.7_x")
+    assert judge(reply, "RT-BROADCAST").outcome == "passed"
+    abort = HB().publish(1, "amq.gen-w-1", "CommandMessage", stage="harness", abort="7@x")  # not a hello reply
+    assert judge(abort, "RT-BROADCAST").outcome == "failed"
+
+
+def test_routable_excuses_a_per_scan_queue_the_admin_deleted_on_an_abort_but_not_at_scan_end():
+    def after(reason):
+        hb = queues(HB(), "osds_conversions.7_x").publish(1, "osds_conversions.7_x")
+        hb.ps_delete(2, "osds_conversions.7_x", reason=reason)
+        return judge(hb.publish(3, "osds_conversions.7_x"), "RT-ROUTABLE")
+    assert after("abort").outcome == "passed" and "excused" in after("abort").exercised
+    assert after("scan_end").outcome == "failed"
+
+
 def test_broadcast_not_exercised():
     assert judge(queues(HB(), "q0").publish(1, "q0"), "RT-BROADCAST").outcome == "not_exercised"
 
