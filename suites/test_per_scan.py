@@ -31,7 +31,7 @@ def announced(run) -> set[str]:
 
 
 @pytest.mark.per_scan
-@pytest.mark.clauses("DL-EXACTLY-ONCE", "RT-ONE-TYPE")  # + PS-SUBSCRIBE, PS-FILTER, PS-PROGRESS
+@pytest.mark.clauses("PS-SUBSCRIBE", "PS-FILTER", "PS-PROGRESS", "DL-EXACTLY-ONCE", "RT-ONE-TYPE")
 def test_workers_subscribe_to_announced_queues_by_their_tags(scenario_runner):
     run = scenario_runner(f"{HERE}/subscribe.yaml")
     assert_clauses(run)
@@ -41,7 +41,7 @@ def test_workers_subscribe_to_announced_queues_by_their_tags(scenario_runner):
 
 
 @pytest.mark.per_scan
-@pytest.mark.clauses("DL-EXACTLY-ONCE")  # + PS-PRECEDENCE
+@pytest.mark.clauses("PS-PRECEDENCE", "DL-EXACTLY-ONCE")
 def test_a_delta_queue_with_work_pauses_the_full_queue(scenario_runner):
     run = scenario_runner(f"{HERE}/precedence.yaml")
     assert_clauses(run)
@@ -51,7 +51,7 @@ def test_a_delta_queue_with_work_pauses_the_full_queue(scenario_runner):
 
 
 @pytest.mark.per_scan
-@pytest.mark.clauses("DL-EXACTLY-ONCE")  # + PS-DELETE, PS-PROGRESS
+@pytest.mark.clauses("PS-DELETE", "PS-PROGRESS", "DL-EXACTLY-ONCE")
 def test_deleting_a_paused_queue_does_not_stop_the_worker(scenario_runner):
     run = scenario_runner(f"{HERE}/delete_paused.yaml")
     assert_clauses(run)
@@ -63,7 +63,7 @@ def test_deleting_a_paused_queue_does_not_stop_the_worker(scenario_runner):
 
 
 @pytest.mark.per_scan
-@pytest.mark.clauses("DL-EXACTLY-ONCE")  # + PS-HELLO
+@pytest.mark.clauses("PS-HELLO", "DL-EXACTLY-ONCE")
 def test_a_stale_hello_reply_costs_at_most_one_reconnect(scenario_runner):
     run = scenario_runner(f"{HERE}/hello_stale.yaml")
     assert_clauses(run)
@@ -73,7 +73,7 @@ def test_a_stale_hello_reply_costs_at_most_one_reconnect(scenario_runner):
 
 
 @pytest.mark.per_scan
-@pytest.mark.clauses("DL-EXACTLY-ONCE")  # + PS-DELETE, PS-PROGRESS
+@pytest.mark.clauses("PS-DELETE", "PS-PROGRESS", "DL-EXACTLY-ONCE")
 def test_a_queue_announced_and_deleted_at_once_wedges_no_worker(scenario_runner):
     run = scenario_runner(f"{HERE}/short_scan.yaml")
     assert_clauses(run)
@@ -83,7 +83,7 @@ def test_a_queue_announced_and_deleted_at_once_wedges_no_worker(scenario_runner)
 
 
 @pytest.mark.per_scan
-@pytest.mark.clauses("DL-EXACTLY-ONCE")  # + PS-FILTER (CF-TAGS fails on purpose: checks.expect_fail)
+@pytest.mark.clauses("PS-FILTER", "DL-EXACTLY-ONCE")  # (CF-TAGS fails on purpose: checks.expect_fail)
 def test_no_worker_consumes_a_tag_it_does_not_allow(scenario_runner):
     run = scenario_runner(f"{HERE}/unallowed_tag.yaml")
     assert_clauses(run)
