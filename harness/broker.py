@@ -213,6 +213,8 @@ class Broker:
     restart: Callable[[float], None] | None = field(default=None, repr=False)
     #: the AMQP port of every node of a cluster (harness.cluster), the seed's first; [] for one node
     node_ports: list[int] = field(default_factory=list)
+    #: the harness.cluster.LocalCluster these nodes belong to (node faults), else None
+    cluster: object | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.management = ManagementClient(self.management_url, self.user, self.password)
@@ -503,6 +505,12 @@ class LocalBroker:
         self.process.wait(15)
         _wait_group_gone(self.process.pid, 15)
         watchdog.unregister_process_group(self.process.pid)
+
+    def start_again(self) -> None:
+        """Start the node after ``kill_node``, on the same ports and data dir."""
+        self._start_node(f"starting {self.node} again")
+        self.broker.process_groups[0] = self.process.pid
+        self._wait_ready(self.broker)
 
     def restart(self, down: float = 1.0) -> None:
         """Kill the node (not its epmd), wait ``down`` seconds, start it on the same ports and data dir.

@@ -56,6 +56,7 @@ class LocalCluster:
             self.stop()
             raise
         self.broker.node_ports = [n.broker.amqp_port for n in self.nodes]
+        self.broker.cluster = self
         self.broker.provider = f"local cluster of {self.count}"
         self.timings["start"] = time.monotonic() - began
         return self.broker
@@ -94,14 +95,20 @@ class LocalCluster:
         """The running nodes, as the seed's management API reports them."""
         return sorted(n["name"] for n in self.broker.management._call("GET", "nodes").json() if n.get("running"))
 
+    def node_index(self, amqp_port: int) -> int:
+        return self.broker.node_ports.index(amqp_port)
+
     def kill_node(self, index: int) -> None:
         """SIGKILL node ``index`` (0 = the seed) and leave it down."""
         self.nodes[index].kill_node()
 
+    def start_node(self, index: int) -> None:
+        """Start a killed node again on its ports and data; it rejoins the cluster."""
+        self.nodes[index].start_again()
+
     def restart_node(self, index: int, down: float = 1.0) -> None:
         """Kill node ``index``, wait ``down`` seconds, start it again on its ports and data; it rejoins."""
-        node = self.nodes[index]
-        node.restart(down)
+        self.nodes[index].restart(down)
 
     def stop(self) -> None:
         for node in reversed(self.nodes):

@@ -47,6 +47,10 @@ HARNESS_FAULTS: dict[str, HarnessFault] = {f.kind: f for f in [
                  {"restart": "bool"}),
     HarnessFault("restart_broker", None, "stop the broker node and start it again after `seconds`",
                  {"seconds": "seconds"}),
+    # A RabbitMQ cluster (--rabbitmq-nodes N): the node a stage instance is connected to.
+    HarnessFault("kill_node", "stage", "SIGKILL the cluster node the stage (instance) connects to; with `seconds`, "
+                 "start it again after that long (it rejoins); never the first node, which the observer uses",
+                 {"seconds": "seconds"}),
     HarnessFault("pause_stage", "stage", "SIGSTOP the stage for `seconds`, then SIGCONT", {"seconds": "seconds"}),
     HarnessFault("poison", "queue", "publish `count` messages no stage can parse, of `shape`",
                  {"shape": POISON_SHAPES, "count": "count"}),
@@ -204,10 +208,18 @@ def _queue_of_two_types(data: dict) -> None:
     explorer["queue_priority"] += " " + queue
 
 
+def _tag_no_worker_allows(data: dict) -> None:
+    # Every worker keeps only its first tag, so the scans of the other tag have no worker left.
+    for stage in data["stages"]:
+        if stage.get("conversion_priority"):
+            stage["conversion_priority"] = "full"
+
+
 CONFIG_FAULTS: dict[str, ConfigFault] = {f.name: f for f in [
     ConfigFault("cfg_unread_client_queue", ("CF-ALIGN",), "tenants", _unread_client_queue),
     ConfigFault("cfg_duplicate_priority", ("CF-NO-DUP",), "stuck", _duplicate_priority),
     ConfigFault("cfg_queue_of_two_types", ("CF-ONE-TYPE",), "tenants", _queue_of_two_types),
+    ConfigFault("cfg_tag_no_worker_allows", ("CF-TAGS",), "per_scan/subscribe", _tag_no_worker_allows),
 ]}
 
 

@@ -154,6 +154,28 @@ class Nemesis:
         if fault.params.get("restart"):
             self.launcher.restart(fault.target)
 
+    def _kill_node(self, fault: Fault) -> None:
+        cluster = getattr(self.broker, "cluster", None)
+        if cluster is None:
+            raise NemesisError("kill_node needs a local cluster (--rabbitmq-provider local --rabbitmq-nodes N)")
+        [instance] = self.launcher.instances(fault.target)[:1] or [None]
+        if instance is None:
+            raise NemesisError(f"kill_node: no running instance of {fault.target!r}")
+        index = cluster.node_index(self.launcher.node_port(instance.name))
+        if index == 0:
+            raise NemesisError(f"kill_node: {instance.name} is connected to the first node, which the observer "
+                               "watches the cluster from; target a stage on another node")
+        cluster.kill_node(index)
+        self.history.record("phase", name="node_killed", node=cluster.nodes[index].node, stage=instance.name)
+        if "seconds" in fault.params:
+            down = float(fault.params["seconds"])
+
+            def restart() -> None:
+                time.sleep(down)
+                cluster.start_node(index)
+                self.history.record("phase", name="node_restarted", node=cluster.nodes[index].node, down=down)
+            self._in_background(restart, "kill_node")
+
     def _pause_stage(self, fault: Fault) -> None:
         seconds = float(fault.params.get("seconds", 3))
         self.launcher.kill(fault.target, signal.SIGSTOP)
