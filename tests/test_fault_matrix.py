@@ -33,7 +33,8 @@ CLEAN_SCENARIOS = sorted({f.scenario for f in [*ENGINE_FAULTS.values(), *CONFIG_
 
 def record(row: str, scenario: str, expected, allowed, failed, problems=()) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{row}.json").write_text(json.dumps({
+    # A scenario stem may name a sub-folder (per_scan/precedence): one flat file per row all the same.
+    (RESULTS / f"{row.replace('/', '__')}.json").write_text(json.dumps({
         "row": row, "scenario": scenario, "expected": sorted(expected), "allowed": sorted(allowed),
         "failed": sorted(failed), "problems": [p.splitlines()[0] for p in problems],
     }, indent=1))
