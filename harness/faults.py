@@ -183,13 +183,16 @@ ENGINE_FAULTS: dict[str, EngineFault] = {f.name: f for f in [
     EngineFault("delivery_count_priority", ("PS-PRECEDENCE",), "per_scan/precedence",
                 "OS2datascanner 3.32's own depth-blind per-scan priority: at each check the worker keeps only "
                 "the queues of the highest tag that had deliveries in the last window, and with no deliveries "
-                "consumes every allowed queue. A window without deliveries (prefetch full, slow objects) puts "
-                "lower tags back while a higher one still has ready messages; it flaps.",
+                "consumes every allowed queue. Deliveries are counted for the queues consumed when the window "
+                "began, so a queue subscribed on its announcement counts none and is paused at the next check; "
+                "a paused queue has no deliveries, so a higher tag waits for as long as a lower one delivers, "
+                "and comes back only after a window with no deliveries at all (it flaps).",
                 stages=("worker",), may_also=("PS-PROGRESS",)),
-    EngineFault("subscribe_every_tag", ("PS-FILTER",), "per_scan/subscribe",
-                "CONVERSION_PRIORITY ranks the tags but does not filter them: the worker consumes every "
-                "announced per-scan queue, a tag it does not list ranking below every listed one.",
-                stages=("worker",), may_also=("PS-PRECEDENCE",)),
+    EngineFault("subscribe_every_tag", ("PS-FILTER",), "per_scan/unallowed_tag",
+                "CONVERSION_PRIORITY ranks the tags but does not filter them: the worker subscribes to every "
+                "announced per-scan queue at once; at its checks a tag it does not list ranks below every "
+                "listed one.",
+                stages=("worker",)),
     EngineFault("redeclare_deleted_queue", ("PS-DELETE",), "per_scan/delete_paused",
                 "The worker declares announced queues with a plain (not passive) declare, on new_queue, on "
                 "hello replies and at every check to read their depth, and ignores delete_queue (it waits for "

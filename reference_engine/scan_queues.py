@@ -37,7 +37,9 @@ class ScanQueues:
         self.command_consumer: str | None = None
         self.scan_queue_tags: dict[str, str | None] = {}  # known (allowed) per-scan queue -> its tag
         self.scan_queue_ready: dict[str, int | None] = {}  # depths read at the last check
-        self.scan_deliveries: collections.Counter[str] = collections.Counter()  # since the last check
+        # Only with the delivery_count_priority fault: deliveries in this window, counted for the
+        # queues consumed when it began (a queue subscribed since has no counter yet).
+        self.scan_deliveries: collections.Counter[str] = collections.Counter()
         self.hello_due = self.settings.stage == "worker" and not self.commands_stopped
         self.wedged: str | None = None  # wedge_on_deleted_paused_queue: the channel is dead, nothing runs
 
@@ -126,8 +128,8 @@ class ScanQueues:
         self.scan_queue_ready[queue] = count
         if not known:
             log.info("new_queue %s (tag %r, %d ready)", queue, tag, count)
-        if s.has("delivery_count_priority"):
-            self._start(queue)  # 3.32 subscribes at once; its check pauses queues later
+        if s.has("delivery_count_priority") or s.has("subscribe_every_tag"):
+            self._start(queue)  # as 3.32: subscribe at once, the next check pauses what it must
         else:
             self._apply_per_scan()
 
@@ -174,7 +176,8 @@ class ScanQueues:
                 self._forget_scan_queue(queue)
         self.scan_queue_ready = {q: n for q, n in ready.items() if n is not None}
         self._apply_per_scan()
-        self.scan_deliveries.clear()
+        if s.has("delivery_count_priority"):
+            self.scan_deliveries = collections.Counter({q: 0 for q in self.consuming if q in self.scan_queue_tags})
 
     def _probe_scan_queue(self, queue: str) -> int | None:
         s = self.settings

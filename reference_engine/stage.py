@@ -195,7 +195,7 @@ class Stage(ScanQueues):
     def _on_message(self, channel, method, properties, body) -> None:
         queue = self.tag_queue.get(method.consumer_tag, method.routing_key)
         self.inbox.append(Delivery(queue, method.consumer_tag, method.delivery_tag, properties, body))
-        if queue in self.scan_queue_tags:
+        if queue in self.scan_deliveries:  # only with the delivery_count_priority fault
             self.scan_deliveries[queue] += 1
 
     def _on_command(self, channel, method, properties, body) -> None:

@@ -181,16 +181,19 @@ def test_fault_reconnect_on_missing_hello_queue(observer, engine, admin):
 
 
 def test_fault_delivery_count_priority(observer, engine, admin, ch, tmp_path):
-    # Delta is empty at first: the window sees deliveries from full only, so only full is kept.
-    # A delta burst then gets no consumer, hence no deliveries, for as long as full delivers.
+    # Delta arrives, with work, while full delivers: subscribed on its announcement, it has no counter
+    # in that window, so the next check keeps full only; paused, it gets no deliveries, so it stays
+    # paused for as long as full delivers.
     admin.declare(D1, F1)
     fill(ch, tmp_path / "d", F1, 40)
+    fill(ch, tmp_path / "d", D1, 10)
     worker(engine, "delta full", work=0.1, faults="delivery_count_priority")
     admin.wait_hello()
-    admin.announce(D1, "delta")
     admin.announce(F1, "full")
+    # full delivering for a few windows (its first window counts nothing: subscribed during it)
+    wait_until(lambda: len(deliveries_of(observer, F1)) >= 10, 10, "full delivering")
+    admin.announce(D1, "delta")
     wait_until(lambda: consumer_times(observer, D1, "deleted"), 10, "delta paused for full")
-    fill(ch, tmp_path / "d", D1, 10)
     since = len(deliveries_of(observer, F1))
     wait_until(lambda: len(deliveries_of(observer, F1)) - since >= 10, 15, "10 full deliveries")
     assert ready(ch, D1) == 10 and not observer.consuming(D1)
