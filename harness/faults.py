@@ -200,10 +200,10 @@ ENGINE_FAULTS: dict[str, EngineFault] = {f.name: f for f in [
                 "created again within one check period.", stages=("worker",)),
     EngineFault("wedge_on_empty_broadcast", ("FT-BAD-COMMAND",), "per_scan/bad_command",
                 "An empty message on the broadcast exchange kills the command consumer, which nobody "
-                "restarts (not even after a reconnect), and with it the worker's per-scan handling: later "
-                "commands (new_queue, delete_queue, abort) are never acted on. The stage does not exit and "
-                "keeps serving the queues it already consumes.",
-                # Queues announced after the empty message are never consumed.
+                "restarts (not even after a reconnect), and with it the worker's per-scan handling: its "
+                "per-scan consumers are cancelled, and later commands (abort, new_queue, delete_queue) are "
+                "never acted on. The stage does not exit and keeps serving its QUEUE_PRIORITY queues.",
+                # The per-scan queues it served, and any announced later, are left with their work.
                 may_also=("PS-SUBSCRIBE", "PS-PROGRESS", "DL-EXACTLY-ONCE")),
 ]}
 

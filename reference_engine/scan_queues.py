@@ -71,13 +71,18 @@ class ScanQueues:
         log.warning("ignoring a broadcast message that is not a command: %s", why)
 
     def _stop_commands(self) -> None:
-        # The fault: the command consumer dies on an empty body and nobody restarts it.
-        log.error("empty broadcast message: command consumer stopped (fault wedge_on_empty_broadcast)")
+        # The fault: the per-scan handling runs in the command consumer; an empty body raises in it,
+        # its clean-up cancels the per-scan consumers, and nobody starts any of it again.
+        log.error("empty broadcast message: command consumer and per-scan queues stopped "
+                  "(fault wedge_on_empty_broadcast)")
         self.commands_stopped = True  # for good, across reconnects
         self.hello_due = False
         if self.command_consumer is not None:
             self.channel.basic_cancel(self.command_consumer)
             self.command_consumer = None
+        for queue in list(self.scan_queue_tags):
+            self._forget_scan_queue(queue)
+            self._cancel(queue, requeue=True)
 
     def _apply_command(self, command: dict) -> None:
         if isinstance(command["abort"], dict):

@@ -220,10 +220,14 @@ def test_fault_redeclare_deleted_queue(observer, engine, admin):
 
 
 def test_fault_wedge_on_empty_broadcast(observer, engine, admin):
+    admin.declare(D1, D2)
     stage = worker(engine, "delta", faults="wedge_on_empty_broadcast")
     command_queue = admin.wait_hello()
-    wait_consuming(observer, "os2ds_conversions")
+    admin.announce(D1, "delta")
+    wait_consuming(observer, D1, "os2ds_conversions")
     admin.broadcast_raw(b"", COMMAND_PROPS)
-    # Its consumer cancelled, the auto-delete command queue goes: no later command can reach the worker.
-    wait_until(lambda: queue_events(observer, command_queue, "deleted"), 10, "the command queue deleted")
+    # Its consumer cancelled, the auto-delete command queue goes: no later command can reach the worker;
+    # the per-scan consumer goes too.
+    wait_until(lambda: queue_events(observer, command_queue, "deleted") and not observer.consuming(D1), 10,
+               "the command queue deleted and the per-scan queue left")
     assert stage.alive() and observer.consuming("os2ds_conversions")
