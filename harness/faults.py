@@ -172,14 +172,14 @@ ENGINE_FAULTS: dict[str, EngineFault] = {f.name: f for f in [
                 # too: later announcements go unheard and work left in any queue gets no result in time.
                 may_also=("PS-SUBSCRIBE", "QP-FIRST-PINNED", "QP-PROGRESS", "DL-EXACTLY-ONCE")),
     EngineFault("reconnect_on_missing_hello_queue", ("PS-HELLO",), "per_scan/hello_stale",
-                "OS2datascanner 3.32.4's second reported bug. The passive declare of an announced queue runs "
-                "on the consuming channel: a hello reply naming a queue that no longer exists closes it, the "
-                "worker reconnects (4 times a second) and says hello again, and the announcements listed "
-                "after the missing queue are lost with the old command queue.",
+                "OS2datascanner 3.32.4's second reported bug. The passive declare of a queue named in a "
+                "hello reply runs on the consuming channel: a reply naming a queue that no longer exists "
+                "closes it, the worker reconnects (4 times a second) and says hello again, and the "
+                "announcements listed after the missing queue are lost with the old command queue.",
                 # Each reconnect drops every consumer (the QUEUE_PRIORITY ones too) and returns the
                 # prefetched messages, which are then delivered again.
                 stages=("worker",), may_also=("PS-PROGRESS", "PS-SUBSCRIBE", "QP-FIRST-PINNED", "QP-PROGRESS",
-                                              "DL-EXACTLY-ONCE")),
+                                              "FT-RECONNECT", "DL-EXACTLY-ONCE")),
     EngineFault("delivery_count_priority", ("PS-PRECEDENCE",), "per_scan/precedence",
                 "OS2datascanner 3.32's own depth-blind per-scan priority: at each check the worker keeps only "
                 "the queues of the highest tag that had deliveries in the last window, and with no deliveries "
@@ -205,6 +205,12 @@ ENGINE_FAULTS: dict[str, EngineFault] = {f.name: f for f in [
                 "never acted on. The stage does not exit and keeps serving its QUEUE_PRIORITY queues.",
                 # The per-scan queues it served, and any announced later, are left with their work.
                 may_also=("PS-SUBSCRIBE", "PS-PROGRESS", "DL-EXACTLY-ONCE")),
+    EngineFault("debounce_new_queue", ("PS-SUBSCRIBE",), "per_scan/subscribe",
+                "The worker lets an announcement 'settle' before acting on it (to dodge scans that end at "
+                "once): a newly announced per-scan queue, broadcast or in a hello reply, is taken only at "
+                "the 4th check after its announcement (3 to 4 check periods, more than W).",
+                # Work in the new queue waits meanwhile.
+                stages=("worker",), may_also=("PS-PROGRESS",)),
 ]}
 
 

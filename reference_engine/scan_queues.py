@@ -27,6 +27,9 @@ from .per_scan import allowed, decide_per_scan
 log = logging.getLogger("reference_engine.stage")
 
 BROADCAST_EXCHANGE = "broadcast"
+# debounce_new_queue fault: checks an announced queue waits before it is taken. 4 periods is more
+# than W (one period plus a tolerance) at any period of 0.5 s or more.
+DEBOUNCE_CHECKS = 4
 
 
 class ScanQueues:
@@ -42,6 +45,7 @@ class ScanQueues:
         self.scan_deliveries: collections.Counter[str] = collections.Counter()
         self.hello_due = self.settings.stage == "worker" and not self.commands_stopped
         self.wedged: str | None = None  # wedge_on_deleted_paused_queue: the channel is dead, nothing runs
+        self.pending_queues: dict[str, list] = {}  # debounce_new_queue: queue -> [tag, checks left]
 
     # -- commands -------------------------------------------------------------
     def _handle_command(self, item) -> None:
@@ -63,7 +67,7 @@ class ScanQueues:
         except messages.PoisonMessage as exc:
             self._bad_command(str(exc))
             return
-        self._apply_command(command)
+        self._apply_command(command, reply=item.routing_key == self.command_queue)
 
     def _bad_command(self, why: str) -> None:
         if self.settings.has("crash_on_bad_command"):
@@ -84,7 +88,8 @@ class ScanQueues:
             self._forget_scan_queue(queue)
             self._cancel(queue, requeue=True)
 
-    def _apply_command(self, command: dict) -> None:
+    def _apply_command(self, command: dict, reply: bool = False) -> None:
+        """``reply``: the command came straight to our command queue (the admin's answer to our hello)."""
         if isinstance(command["abort"], dict):
             key = messages.scan_key(command["abort"])
             self.aborted.add(key)
@@ -95,9 +100,15 @@ class ScanQueues:
             self._publish([Output(messages.DEFAULT_CONVERSION_QUEUE, command)])
         if self.settings.stage != "worker":
             return  # an explorer never consumes a per-scan queue
-        if isinstance(command["new_queue"], str) and command["new_queue"]:
-            self._on_new_queue(command["new_queue"], command["new_queue_priority"])
+        queue = command["new_queue"]
+        if isinstance(queue, str) and queue:
+            if self.settings.has("debounce_new_queue") and queue not in self.scan_queue_tags:
+                # The fault: wait for an announcement to "settle" (to dodge short scans) before taking it.
+                self.pending_queues.setdefault(queue, [command["new_queue_priority"], DEBOUNCE_CHECKS])
+            else:
+                self._on_new_queue(queue, command["new_queue_priority"], reply)
         if isinstance(command["delete_queue"], str) and command["delete_queue"]:
+            self.pending_queues.pop(command["delete_queue"], None)
             self._on_delete_queue(command["delete_queue"])
         # worker_hello is for the admin; a worker ignores its own and other workers' hellos.
 
@@ -110,7 +121,7 @@ class ScanQueues:
         log.info("worker_hello sent for command queue %s", self.command_queue)
 
     # -- per-scan queues --------------------------------------------------------
-    def _on_new_queue(self, queue: str, tag) -> None:
+    def _on_new_queue(self, queue: str, tag, reply: bool) -> None:
         s = self.settings
         if not allowed(tag, s.conversion_priority, s.faults):
             log.debug("new_queue %s with tag %r: not in CONVERSION_PRIORITY, ignored", queue, tag)
@@ -118,10 +129,10 @@ class ScanQueues:
         if s.has("redeclare_deleted_queue"):
             # The fault: a plain declare, so an announcement of a deleted queue creates it again.
             count = self.channel.queue_declare(queue, durable=True).method.message_count
-        elif s.has("reconnect_on_missing_hello_queue"):
-            # The fault: the passive declare runs on the consuming channel; a missing queue closes it,
-            # the stage reconnects, and the announcements after this one are lost with the old
-            # command queue.
+        elif reply and s.has("reconnect_on_missing_hello_queue"):
+            # The fault: the hello reply is handled by its own code path, whose passive declare runs on
+            # the consuming channel; a missing queue closes it, the stage reconnects (and says hello
+            # again), and the announcements after this one are lost with the old command queue.
             count = self.channel.queue_declare(queue, passive=True).method.message_count
         else:
             count = self._probe(queue)
@@ -167,7 +178,11 @@ class ScanQueues:
 
     def _check_per_scan(self) -> None:
         s = self.settings
-        if self.commands_stopped or not self.scan_queue_tags:
+        if self.commands_stopped:
+            return
+        if self.pending_queues:
+            self._take_settled_queues()
+        if not self.scan_queue_tags:
             return
         if not s.conversion_priority and not s.has("redeclare_deleted_queue"):
             return  # no per-scan priority: every announced queue is consumed from its announcement
@@ -183,6 +198,13 @@ class ScanQueues:
         self._apply_per_scan()
         if s.has("delivery_count_priority"):
             self.scan_deliveries = collections.Counter({q: 0 for q in self.consuming if q in self.scan_queue_tags})
+
+    def _take_settled_queues(self) -> None:
+        for queue, pending in list(self.pending_queues.items()):
+            pending[1] -= 1
+            if pending[1] <= 0:
+                del self.pending_queues[queue]
+                self._on_new_queue(queue, pending[0], reply=False)
 
     def _probe_scan_queue(self, queue: str) -> int | None:
         s = self.settings

@@ -231,3 +231,13 @@ def test_fault_wedge_on_empty_broadcast(observer, engine, admin):
     wait_until(lambda: queue_events(observer, command_queue, "deleted") and not observer.consuming(D1), 10,
                "the command queue deleted and the per-scan queue left")
     assert stage.alive() and observer.consuming("os2ds_conversions")
+
+
+def test_fault_debounce_new_queue(observer, engine, admin):
+    admin.declare(D1)
+    worker(engine, "delta", faults="debounce_new_queue")
+    admin.wait_hello()
+    announced = time.monotonic()
+    admin.announce(D1, "delta")
+    wait_consuming(observer, D1, timeout=10)
+    assert consumer_times(observer, D1, "created")[0] - announced > 3 * CHECK
