@@ -177,9 +177,10 @@ ENGINE_FAULTS: dict[str, EngineFault] = {f.name: f for f in [
                 "closes it, the worker reconnects (4 times a second) and says hello again, and the "
                 "announcements listed after the missing queue are lost with the old command queue.",
                 # Each reconnect drops every consumer (the QUEUE_PRIORITY ones too) and returns the
-                # prefetched messages, which are then delivered again.
-                stages=("worker",), may_also=("PS-PROGRESS", "PS-SUBSCRIBE", "QP-FIRST-PINNED", "QP-PROGRESS",
-                                              "FT-RECONNECT", "DL-EXACTLY-ONCE")),
+                # prefetched messages, which are then delivered again; a storm set off by a deleted queue
+                # leaves the worker consuming nothing after that deletion (PS-DELETE).
+                stages=("worker",), may_also=("PS-PROGRESS", "PS-SUBSCRIBE", "PS-DELETE", "QP-FIRST-PINNED",
+                                              "QP-PROGRESS", "FT-RECONNECT", "DL-EXACTLY-ONCE")),
     EngineFault("delivery_count_priority", ("PS-PRECEDENCE",), "per_scan/precedence",
                 "OS2datascanner 3.32's own depth-blind per-scan priority: at each check the worker keeps only "
                 "the queues of the highest tag that had deliveries in the last window, and with no deliveries "
