@@ -179,6 +179,57 @@ ENGINE_FAULTS: dict[str, EngineFault] = {f.name: f for f in [
                 "without a command's fields) crashes the stage (exit code 6) instead of being ignored.",
                 # With every stage gone, the abort that follows reaches no queue (RT-ROUTABLE).
                 may_also=("QP-FIRST-PINNED", "QP-PROGRESS", "RT-ROUTABLE", "DL-EXACTLY-ONCE")),
+    # Per-scan queues (OS2datascanner 3.32): the worker's side of new_queue, delete_queue and hello.
+    EngineFault("wedge_on_deleted_paused_queue", ("PS-DELETE", "PS-PROGRESS"), "per_scan/delete_paused",
+                "OS2datascanner 3.32.4's first reported bug. delete_queue is acted on only for a queue the "
+                "worker consumes; a queue paused by per-scan priority stays known, and the next check reads "
+                "its depth on the consuming channel: the 404 closes that channel, which the worker takes for "
+                "'queue gone' and keeps. It then consumes nothing at all, for good, without exiting.",
+                stages=("worker",),
+                # The dead channel held every consumer, the command queue's and the QUEUE_PRIORITY ones
+                # too: later announcements go unheard and work left in any queue gets no result in time.
+                may_also=("PS-SUBSCRIBE", "QP-FIRST-PINNED", "QP-PROGRESS", "DL-EXACTLY-ONCE")),
+    EngineFault("reconnect_on_missing_hello_queue", ("PS-HELLO",), "per_scan/hello_stale",
+                "OS2datascanner 3.32.4's second reported bug. The passive declare of a queue named in a "
+                "hello reply runs on the consuming channel: a reply naming a queue that no longer exists "
+                "closes it, the worker reconnects (4 times a second) and says hello again, and the "
+                "announcements listed after the missing queue are lost with the old command queue.",
+                # Each reconnect drops every consumer (the QUEUE_PRIORITY ones too) and returns the
+                # prefetched messages, which are then delivered again; a storm set off by a deleted queue
+                # leaves the worker consuming nothing after that deletion (PS-DELETE).
+                stages=("worker",), may_also=("PS-PROGRESS", "PS-SUBSCRIBE", "PS-DELETE", "QP-FIRST-PINNED",
+                                              "QP-PROGRESS", "FT-RECONNECT", "DL-EXACTLY-ONCE")),
+    EngineFault("delivery_count_priority", ("PS-PRECEDENCE",), "per_scan/precedence",
+                "OS2datascanner 3.32's own depth-blind per-scan priority: at each check the worker keeps only "
+                "the queues of the highest tag that had deliveries in the last window, and with no deliveries "
+                "consumes every allowed queue. Deliveries are counted for the queues consumed when the window "
+                "began, so a queue subscribed on its announcement counts none and is paused at the next check; "
+                "a paused queue has no deliveries, so a higher tag waits for as long as a lower one delivers, "
+                "and comes back only after a window with no deliveries at all (it flaps).",
+                stages=("worker",), may_also=("PS-PROGRESS",)),
+    EngineFault("subscribe_every_tag", ("PS-FILTER",), "per_scan/unallowed_tag",
+                "CONVERSION_PRIORITY ranks the tags but does not filter them: the worker subscribes to every "
+                "announced per-scan queue at once; at its checks a tag it does not list ranks below every "
+                "listed one.",
+                stages=("worker",)),
+    EngineFault("redeclare_deleted_queue", ("PS-DELETE",), "per_scan/delete_paused",
+                "The worker declares announced queues with a plain (not passive) declare, on new_queue, on "
+                "hello replies and at every check to read their depth, and ignores delete_queue (it waits for "
+                "the broker to cancel its consumer, and then tries again): a deleted per-scan queue is "
+                "created again within one check period.", stages=("worker",)),
+    EngineFault("wedge_on_empty_broadcast", ("FT-BAD-COMMAND",), "per_scan/bad_command",
+                "An empty message on the broadcast exchange kills the command consumer, which nobody "
+                "restarts (not even after a reconnect), and with it the worker's per-scan handling: its "
+                "per-scan consumers are cancelled, and later commands (abort, new_queue, delete_queue) are "
+                "never acted on. The stage does not exit and keeps serving its QUEUE_PRIORITY queues.",
+                # The per-scan queues it served, and any announced later, are left with their work.
+                may_also=("PS-SUBSCRIBE", "PS-PROGRESS", "DL-EXACTLY-ONCE")),
+    EngineFault("debounce_new_queue", ("PS-SUBSCRIBE",), "per_scan/subscribe",
+                "The worker lets an announcement 'settle' before acting on it (to dodge scans that end at "
+                "once): a newly announced per-scan queue, broadcast or in a hello reply, is taken only at "
+                "the 4th check after its announcement (3 to 4 check periods, more than W).",
+                # Work in the new queue waits meanwhile.
+                stages=("worker",), may_also=("PS-PROGRESS",)),
 ]}
 
 

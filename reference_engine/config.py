@@ -7,6 +7,8 @@
   and optionally a top-level ``LOG_LEVEL``. Must be set.
 - ``<table>__<KEY>`` environment variables override keys of the file, e.g.
   ``amqp__AMQP_HOST``.
+- ``CONVERSION_PRIORITY`` (workers, OS2datascanner 3.32): whitespace-separated tags of per-scan
+  queues, highest first (exact, case-sensitive); empty = every tag allowed, no per-scan priority.
 - ``PRIORITY_CHECK_SECONDS`` (default 5, fractions allowed),
   ``REFERENCE_WORK_SECONDS`` (default 0), ``REFERENCE_ENGINE_FAULTS``.
 """
@@ -43,7 +45,12 @@ environment:
   QUEUE_PRIORITY                 whitespace-separated queues, highest priority first;
                                  empty or unset = consume the default read queue
                                  (explorer os2ds_scan_specs, worker os2ds_conversions)
-  PRIORITY_CHECK_SECONDS         period of the priority check (default 5; fractions allowed)
+  CONVERSION_PRIORITY            workers: whitespace-separated tags of per-scan queues (e.g. 'delta full'),
+                                 highest first; only announced queues with a listed tag are consumed,
+                                 the highest tag with ready messages first. Empty or unset = every
+                                 announced queue, no per-scan priority
+  PRIORITY_CHECK_SECONDS         period of the priority check, QUEUE_PRIORITY and per-scan alike
+                                 (default 5; fractions allowed)
   REFERENCE_WORK_SECONDS         extra time spent per handled message (default 0)
   REFERENCE_PREFETCH             prefetch per consumer (default: explorer 1, worker 2, as OS2datascanner)
   REFERENCE_ENGINE_FAULTS        comma-separated faults to inject on purpose
@@ -123,6 +130,7 @@ class Settings:
     prefetch_override: int | None = None
     faults: frozenset[str] = field(default_factory=frozenset)
     log_level: str = "INFO"
+    conversion_priority: list[str] = field(default_factory=list)  # per-scan tags, highest first (workers)
 
     @property
     def read_queues(self) -> list[str]:
@@ -185,4 +193,5 @@ def load_settings(stage: str, env: Mapping[str, str] | None = None) -> Settings:
         work_seconds=_positive_float(env, "REFERENCE_WORK_SECONDS", 0.0, allow_zero=True),
         prefetch_override=_prefetch(env),
         faults=faults, log_level=log_level,
+        conversion_priority=parse_queue_priority(env.get("CONVERSION_PRIORITY")) if stage == "worker" else [],
     )

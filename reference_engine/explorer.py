@@ -33,7 +33,7 @@ def make_handler(settings: Settings):
                     Output(status_queue, messages.status(tag, total_objects=0))]
         cutoff = rules.last_modified_cutoff(spec["rule"])
         outputs: list[Output] = []
-        skipped = 0
+        skipped = objects = 0
         for relpath in walk(source["path"]):
             if cutoff is not None:
                 try:
@@ -44,13 +44,24 @@ def make_handler(settings: Settings):
                     skipped += 1
                     continue
             handle_ = messages.file_handle(source, relpath)
-            returned = messages.problem(
-                tag, f"Conversion queue '{conversion_queue}' does not exist: the conversion "
-                     f"was returned unroutable", source=source, handle=handle_)
-            outputs.append(Output(conversion_queue, messages.conversion(spec, handle_),
-                                  mandatory=True, on_return=returned))
+            outputs += conversion_outputs(spec, handle_, conversion_queue, status_queue)
+            objects += 1
         outputs.append(Output(status_queue, messages.status(
-            tag, total_objects=len(outputs),
+            tag, total_objects=objects,
             skipped_by_last_modified=skipped if cutoff is not None else None)))
         return outputs
     return handle
+
+
+def conversion_outputs(spec: dict, handle_: dict, conversion_queue: str, status_queue: str) -> list[Output]:
+    """One object's conversion, and for a per-scan queue (3.32) the status that counts it."""
+    body = messages.conversion(spec, handle_)
+    if messages.is_per_scan_queue(conversion_queue):
+        # As 3.32: no mandatory flag (a conversion to a deleted per-scan queue is dropped silently,
+        # as after a cancelled scan), and a StatusMessage with new_objects: 1 after each conversion.
+        return [Output(conversion_queue, body),
+                Output(status_queue, messages.status(spec["scan_tag"], new_objects=1))]
+    returned = messages.problem(
+        spec["scan_tag"], f"Conversion queue '{conversion_queue}' does not exist: the conversion "
+                          f"was returned unroutable", source=spec["source"], handle=handle_)
+    return [Output(conversion_queue, body, mandatory=True, on_return=returned)]

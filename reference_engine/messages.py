@@ -13,6 +13,12 @@ import pika
 DEFAULT_EXPLORER_QUEUE = "os2ds_scan_specs"
 DEFAULT_CONVERSION_QUEUE = "os2ds_conversions"
 DATA_PROPERTIES = pika.BasicProperties(delivery_mode=2, content_encoding="gzip")
+# A CommandMessage since OS2datascanner 3.32 (ENGINE_CONTRACT.md section 7), in the engine's key order.
+COMMAND_FIELDS = ("abort", "log_level", "profiling", "new_queue", "new_queue_priority", "delete_queue",
+                  "worker_hello")
+COMMAND_KEYS = frozenset(COMMAND_FIELDS)
+# Per-scan conversion queues: osds_conversions.<scanner pk>_<YYYYmmddTHHMMSS>, declared by the admin only.
+PER_SCAN_PREFIX = "osds_conversions."
 
 
 class PoisonMessage(ValueError):
@@ -108,10 +114,20 @@ def parse_conversion(obj: Any) -> dict:
 
 
 def parse_command(obj: Any) -> dict:
-    if not isinstance(obj, dict) or not ({"abort", "log_level", "profiling"} & obj.keys()):
+    """The seven keys of a CommandMessage (3.32); a command without ``abort`` is refused, as 3.32 does."""
+    if not isinstance(obj, dict) or not (COMMAND_KEYS & obj.keys()):
         raise PoisonMessage("not a CommandMessage")
-    return {"abort": obj.get("abort"), "log_level": obj.get("log_level"),
-            "profiling": obj.get("profiling")}
+    if "abort" not in obj:
+        raise PoisonMessage("a CommandMessage without the key 'abort' (refused, as OS2datascanner 3.32 does)")
+    return {key: obj.get(key) for key in COMMAND_FIELDS}
+
+
+def command(**fields: Any) -> dict:
+    """A CommandMessage with all seven keys present, as the engine writes one."""
+    unknown = set(fields) - COMMAND_KEYS
+    if unknown:
+        raise ValueError(f"not CommandMessage keys: {', '.join(sorted(unknown))}")
+    return {key: fields.get(key) for key in COMMAND_FIELDS}
 
 
 def file_handle(source: dict, relpath: str) -> dict:
@@ -123,11 +139,19 @@ def conversion(spec: dict, handle: dict) -> dict:
 
 
 def status(scan_tag: Any, *, total_objects=None, matches_found=None, skipped_by_last_modified=None,
-           object_size=None, object_type=None, message: str = "", is_error: bool = False) -> dict:
-    return {"scan_tag": scan_tag, "message": message, "status_is_error": is_error,
+           object_size=None, object_type=None, message: str = "", is_error: bool = False,
+           new_objects: int | None = None) -> dict:
+    body = {"scan_tag": scan_tag, "message": message, "status_is_error": is_error,
             "total_objects": total_objects, "new_sources": None, "matches_found": matches_found,
             "skipped_by_last_modified": skipped_by_last_modified, "object_size": object_size,
             "object_type": object_type}
+    if new_objects is not None:  # 3.32: the explorer's status after each conversion into a per-scan queue
+        body["new_objects"] = new_objects
+    return body
+
+
+def is_per_scan_queue(queue: str) -> bool:
+    return queue.startswith(PER_SCAN_PREFIX)
 
 
 def problem(scan_tag: Any, message: str, *, source=None, handle=None, missing: bool = False) -> dict:

@@ -1,13 +1,15 @@
-"""One running stage: connection, priority check on its own clock, one message per turn.
+"""One running stage: connection, priority checks on its own clock, one message per turn.
 
 The loop (DESIGN.md, "a check tied to message flow never runs under load"):
 
     while running:
         service the connection briefly (deliveries go to our own inbox)
-        if now >= next_check: run the priority check (passive declares + decide)
+        handle the commands received (scan_queues.py: abort, new_queue, delete_queue, ...)
+        if now >= next_check: run the priority checks (passive declares + decide), QUEUE_PRIORITY
+                              and per-scan; a worker says hello after its first check
         handle ONE message from the inbox (publish outputs with confirms, then ack)
 
-so the check runs between messages whatever the load.
+so the checks run between messages whatever the load.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import collections
 import logging
 import signal
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import pika
@@ -23,41 +24,22 @@ import pika.exceptions as pex
 
 from . import messages
 from .config import DEFAULT_READ_QUEUE, Settings
+from .deliveries import Delivery, Output, StageExit
 from .priority import Decision, decide, ranked
+from .scan_queues import BROADCAST_EXCHANGE, ScanQueues
+
+__all__ = ["Delivery", "Output", "Stage", "StageExit"]
 
 log = logging.getLogger("reference_engine.stage")
 
-BROADCAST_EXCHANGE = "broadcast"
 MAX_CONNECT_FAILURES = 12
 DUP_AFTER_RECONNECT = 5  # handled messages whose outputs the dup_after_reconnect fault publishes again
+# After the broker closed our channel (the connection was fine), a new connection at once: no backoff
+# is needed. Four tries a second, the pace of the reconnect storm reported against 3.32.4.
+CHANNEL_ERROR_RETRY_SECONDS = 0.25
 
 
-@dataclass
-class Output:
-    queue: str
-    body: dict
-    mandatory: bool = False
-    on_return: dict | None = None  # published to os2ds_problems if the broker returns the message
-
-
-@dataclass
-class Delivery:
-    queue: str
-    consumer_tag: str | None
-    delivery_tag: int
-    properties: pika.BasicProperties
-    body: bytes
-
-
-class StageExit(Exception):
-    """The stage decided to exit with this code (faults that crash on purpose)."""
-
-    def __init__(self, code: int, why: str):
-        super().__init__(why)
-        self.code = code
-
-
-class Stage:
+class Stage(ScanQueues):
     def __init__(self, settings: Settings, handler: Callable[[dict, str], list[Output]],
                  problem_queues: tuple[str, ...] = ("os2ds_problems",)):
         self.settings = settings
@@ -67,6 +49,7 @@ class Stage:
         self.aborted: set = set()
         self.handled = 0
         self.recent_outputs: list[list[Output]] = []  # only kept with the dup_after_reconnect fault
+        self.commands_stopped = False  # only with the wedge_on_empty_broadcast fault
         self._reset()
 
     # -- state per connection -------------------------------------------------
@@ -80,6 +63,7 @@ class Stage:
         self.commands: collections.deque[Delivery] = collections.deque()
         self.seen_queues: set[str] = set()
         self.gone: str | None = None
+        self._reset_scan_queues()
 
     # -- entry point ----------------------------------------------------------
     def run(self) -> int:
@@ -117,6 +101,10 @@ class Stage:
                 if failures > MAX_CONNECT_FAILURES:
                     log.error("broker unreachable after %d attempts: %r", failures - 1, exc)
                     return 1
+                if isinstance(exc, pex.ChannelClosedByBroker):
+                    log.warning("the broker closed our channel (%r); reconnecting", exc)
+                    self._pause(CHANNEL_ERROR_RETRY_SECONDS)
+                    continue
                 log.warning("connection lost or refused (%r); reconnecting in %.1f s", exc, backoff)
                 self._pause(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -158,7 +146,10 @@ class Stage:
                                   arguments={"x-max-priority": 10})
         command_queue = result.method.queue
         ch.queue_bind(command_queue, BROADCAST_EXCHANGE, routing_key="")
-        ch.basic_consume(command_queue, self._on_command, auto_ack=False)
+        self.command_queue = command_queue
+        if not self.commands_stopped:
+            # Auto-ack: no prefetch limit applies, so commands arrive even when data prefetch is full.
+            self.command_consumer = ch.basic_consume(command_queue, self._on_command, auto_ack=True)
         self.passive_channel = self.connection.channel()
         log.info("%s connected to %s:%s vhost %s; queues %s; declared %s",
                  s.stage, s.amqp_host, s.amqp_port, s.amqp_vhost, " ".join(s.read_queues),
@@ -204,9 +195,12 @@ class Stage:
     def _on_message(self, channel, method, properties, body) -> None:
         queue = self.tag_queue.get(method.consumer_tag, method.routing_key)
         self.inbox.append(Delivery(queue, method.consumer_tag, method.delivery_tag, properties, body))
+        if queue in self.scan_deliveries:  # only with the delivery_count_priority fault
+            self.scan_deliveries[queue] += 1
 
     def _on_command(self, channel, method, properties, body) -> None:
-        self.commands.append(Delivery("", method.consumer_tag, method.delivery_tag, properties, body))
+        self.commands.append(Delivery(self.command_queue or "", method.consumer_tag, method.delivery_tag,
+                                      properties, body, method.routing_key))
 
     def _on_broker_cancel(self, method_frame) -> None:
         tag = method_frame.method.consumer_tag
@@ -214,7 +208,9 @@ class Stage:
         if queue is not None and self.consuming.get(queue) == tag:
             del self.consuming[queue]
             log.warning("broker cancelled the consumer on %s (queue deleted?)", queue)
-            if self.settings.has("die_on_queue_gone"):
+            if queue in self.scan_queue_tags:
+                self._on_scan_queue_cancelled(queue)
+            elif self.settings.has("die_on_queue_gone"):
                 self.gone = queue
 
     # -- the loop -------------------------------------------------------------
@@ -229,7 +225,11 @@ class Stage:
                 if self._ready(q) is not None:
                     self._start(q)
             next_check = next_full_check = time.monotonic() + 8 * period + 2.0
+            self._say_hello_if_due()
         while not self.stopping:
+            if self.wedged:  # fault wedge_on_deleted_paused_queue: a dead channel, nothing else runs
+                self.connection.process_data_events(time_limit=0.05)
+                continue
             self.connection.process_data_events(time_limit=0)
             if self.gone:
                 raise StageExit(4, f"queue {self.gone} is gone (fault die_on_queue_gone)")
@@ -239,6 +239,10 @@ class Stage:
             if now >= next_check:
                 full = now >= next_full_check
                 self._check(full)
+                self._check_per_scan()
+                if self.wedged:
+                    continue
+                self._say_hello_if_due()
                 if full and slow_period != period:
                     next_full_check = time.monotonic() + slow_period
                 # Keep the checks on a fixed grid (a late check does not push the next one back).
@@ -254,8 +258,8 @@ class Stage:
                 self.connection.process_data_events(time_limit=wait)
 
     # -- priority check -------------------------------------------------------
-    def _ready(self, queue: str) -> int | None:
-        """Ready messages in ``queue`` (passive declare), or None when it does not exist."""
+    def _probe(self, queue: str) -> int | None:
+        """Ready messages in ``queue`` (passive declare on the side channel), or None when it does not exist."""
         try:
             if self.passive_channel is None or not self.passive_channel.is_open:
                 self.passive_channel = self.connection.channel()
@@ -263,12 +267,19 @@ class Stage:
         except pex.ChannelClosedByBroker as exc:
             self.passive_channel = None
             if exc.reply_code == 404:
-                if queue in self.seen_queues and self.settings.has("die_on_queue_gone"):
-                    self.gone = queue
                 return None
             raise
-        self.seen_queues.add(queue)
         return result.method.message_count
+
+    def _ready(self, queue: str) -> int | None:
+        """``_probe`` for a QUEUE_PRIORITY queue (the die_on_queue_gone fault watches those)."""
+        count = self._probe(queue)
+        if count is None:
+            if queue in self.seen_queues and self.settings.has("die_on_queue_gone"):
+                self.gone = queue
+            return None
+        self.seen_queues.add(queue)
+        return count
 
     def _check(self, full: bool = True) -> None:
         s = self.settings
@@ -331,26 +342,6 @@ class Stage:
         method, properties, body = self.channel.basic_get(nonempty[1], auto_ack=False)
         if method is not None:
             self.inbox.appendleft(Delivery(nonempty[1], None, method.delivery_tag, properties, body))
-
-    # -- commands -------------------------------------------------------------
-    def _handle_command(self, item: Delivery) -> None:
-        try:
-            command = messages.parse_command(messages.decode(item.body, item.properties.content_encoding))
-        except messages.PoisonMessage as exc:
-            if self.settings.has("crash_on_bad_command"):
-                raise StageExit(6, f"a broadcast message that is not a command (fault crash_on_bad_command): {exc}")
-            log.warning("ignoring a broadcast message that is not a command: %s", exc)
-            self.channel.basic_ack(item.delivery_tag)
-            return
-        if isinstance(command["abort"], dict):
-            key = messages.scan_key(command["abort"])
-            self.aborted.add(key)
-            log.info("abort: dropping the rest of scan %s", key)
-        if isinstance(command["log_level"], str):
-            logging.getLogger().setLevel(command["log_level"].upper())
-        if self.settings.has("command_via_queue") and self.settings.stage == "explorer":
-            self._publish([Output(messages.DEFAULT_CONVERSION_QUEUE, command)])
-        self.channel.basic_ack(item.delivery_tag)
 
     # -- data messages --------------------------------------------------------
     def _handle(self, item: Delivery, settle: bool = True) -> bool:

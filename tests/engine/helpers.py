@@ -310,3 +310,64 @@ def close_stage_connection(vhost, stage: Stage, timeout: float = 20.0) -> str:
     names = wait_until(find, timeout, "the stage's connection in the management API", interval=0.25)
     mgmt.close_connection(names[0])
     return names[0]
+
+
+# -- per-scan queues (OS2datascanner 3.32): the admin's side, played by a test ----------------------
+COMMAND_PROPS = pika.BasicProperties(priority=10, delivery_mode=2, content_encoding="gzip")
+COMMAND_KEYS = ("abort", "log_level", "profiling", "new_queue", "new_queue_priority", "delete_queue",
+                "worker_hello")
+
+
+def command(**fields) -> dict:
+    return {key: fields.get(key) for key in COMMAND_KEYS}
+
+
+class Admin:
+    """What OS2datascanner's admin does with per-scan queues (ENGINE_CONTRACT.md section 7)."""
+
+    def __init__(self, ch, observer: "Observer"):
+        self.ch = ch
+        self.observer = observer
+        ch.exchange_declare("broadcast", "fanout", durable=True)
+
+    def declare(self, *queues: str) -> None:
+        declare(self.ch, *queues)
+
+    def announce(self, queue: str, tag: str, to: str | None = None) -> None:
+        """new_queue on broadcast, or (``to``) in reply to a hello, straight to that command queue."""
+        body = encode(command(new_queue=queue, new_queue_priority=tag))
+        if to is None:
+            self.ch.basic_publish("broadcast", "", body, COMMAND_PROPS)
+        else:
+            self.ch.basic_publish("", to, body, COMMAND_PROPS)
+
+    def delete(self, queue: str) -> None:
+        self.ch.basic_publish("broadcast", "", encode(command(delete_queue=queue)), COMMAND_PROPS)
+        self.ch.queue_delete(queue)
+
+    def broadcast_raw(self, body: bytes, props: pika.BasicProperties | None = None) -> None:
+        self.ch.basic_publish("broadcast", "", body, props)
+
+    def hellos(self) -> list[str]:
+        """The command queues named by every worker_hello published so far, in order."""
+        out = []
+        for e in self.observer.snapshot():
+            if e.kind != "publish.broadcast" or not e.body:
+                continue
+            try:
+                obj = decode(e.body)
+            except (ValueError, OSError, EOFError):  # the malformed broadcasts of some tests
+                continue
+            if isinstance(obj, dict) and obj.get("worker_hello"):
+                out.append(obj["worker_hello"])
+        return out
+
+    def wait_hello(self, count: int = 1, timeout: float = 20) -> str:
+        """The command queue named by the ``count``-th hello."""
+        return wait_until(lambda: len(self.hellos()) >= count and self.hellos()[count - 1], timeout,
+                          f"worker_hello number {count}")
+
+
+def queue_events(observer: "Observer", queue: str, kind: str) -> list[float]:
+    """Times of queue.created / queue.deleted events for ``queue``."""
+    return [e.t for e in observer.snapshot() if e.kind == f"queue.{kind}" and e.headers.get("name") == queue]
