@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 BROKER_DOWN = "qp-harness.broker_down"  # a marker the nemesis puts among the broker's events
+NODE_DOWN = "qp-harness.node_down"  # the same for one node of a cluster: headers {"port": its AMQP port}
 
 Event = tuple[float, str, dict]  # (receive time, routing key, headers)
 Record = tuple[str, float, dict]  # (history event type, t, fields)
@@ -120,7 +121,7 @@ class Attribution:
         return handler(self, t, h, expired, blocked)
 
     def _concerns_us(self, key: str, headers: dict) -> bool:
-        if key == BROKER_DOWN:
+        if key in (BROKER_DOWN, NODE_DOWN):
             return True
         vhost = headers.get("vhost")
         if vhost is not None:
@@ -145,6 +146,23 @@ class Attribution:
                 records.append(("connection_closed", t, dict(conn=pid, name=conn.name, stage=conn.stage,
                                                              broker_ms=None, cause="broker_down")))
         self.consumers.clear()
+        return records
+
+    def on_node_down(self, t: float, h: dict, expired: bool, blocked: list[Event]) -> list[Record]:
+        """A killed cluster node announces no closes either: its stage connections (those to its AMQP
+        port, ``127.0.0.1:CLIENT -> 127.0.0.1:PORT``) end now, with their consumers."""
+        records, closed = [], set()
+        for pid, conn in self.conns.items():
+            if conn.open and not conn.own and _server_port(conn.name) == h.get("port"):
+                conn.open = False
+                closed.add(pid)
+                self.forget_port(conn.port)
+                records.append(("connection_closed", t, dict(conn=pid, name=conn.name, stage=conn.stage,
+                                                             broker_ms=None, cause="node_down")))
+        for key, consumer in list(self.consumers.items()):
+            chan = self.chans.get(consumer["chan"])
+            if chan is not None and chan.conn in closed:
+                del self.consumers[key]
         return records
 
     def on_connection_created(self, t: float, h: dict, expired: bool, blocked: list[Event]) -> list[Record] | None:
@@ -273,6 +291,7 @@ class Attribution:
 
 HANDLERS: dict[str, Callable[..., list[Record] | None]] = {
     BROKER_DOWN: Attribution.on_broker_down,
+    NODE_DOWN: Attribution.on_node_down,
     "connection.created": Attribution.on_connection_created,
     "connection.closed": Attribution.on_connection_closed,
     "channel.created": Attribution.on_channel_created,
@@ -290,3 +309,11 @@ def _waits_on(events: list[Event], key: str, pid: Any, field: str = "pid", tag: 
         if k == key and h.get(field) == pid and (tag is None or h.get("consumer_tag") == tag):
             return True
     return False
+
+
+def _server_port(name: str | None) -> int | None:
+    """The broker-side port of a connection name '127.0.0.1:CLIENT -> 127.0.0.1:PORT'."""
+    try:
+        return int(str(name).rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None

@@ -74,7 +74,8 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
     },
     "connection_closed": {"conn": "broker's connection pid", "name": "connection name", "stage": "owner or null",
                           "cause": "null when the broker announced the close; 'broker_down' when a "
-                                   "restart_broker fault killed the node, which announces none"},
+                                   "restart_broker fault killed the node, which announces none; 'node_down' when a kill_node "
+                          "fault killed the cluster node it was connected to"},
     "channel_created": {"chan": "broker's channel pid", "conn": "connection pid", "stage": "owner or null",
                         "number": "channel number on its connection"},
     "channel_closed": {"chan": "broker's channel pid", "stage": "owner or null"},

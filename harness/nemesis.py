@@ -165,6 +165,7 @@ class Nemesis:
         if index == 0:
             raise NemesisError(f"kill_node: {instance.name} is connected to the first node, which the observer "
                                "watches the cluster from; target a stage on another node")
+        self.observer.note_node_down(cluster.broker.node_ports[index])
         cluster.kill_node(index)
         self.history.record("phase", name="node_killed", node=cluster.nodes[index].node, stage=instance.name)
         if "seconds" in fault.params:

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import pika
 import pika.exceptions
 
-from harness.attribution import BROKER_DOWN
+from harness.attribution import BROKER_DOWN, NODE_DOWN
 from harness.history import HistoryWriter
 from harness.live_view import LiveView
 from harness.messages import OUTPUT_QUEUES
@@ -372,6 +372,10 @@ class Observer:
     def add_queue(self, queue: str) -> None:
         """Sample ``queue`` too (and trace its deliveries) from the next tick on."""
         self.recorder.put("queue", queue)
+
+    def note_node_down(self, amqp_port: int) -> None:
+        """A cluster node is about to be killed (kill_node): its stage connections end now."""
+        self.recorder.put("event", time.time(), NODE_DOWN, {"port": amqp_port})
 
     def note_broker_down(self) -> None:
         """The broker is about to be killed (a restart_broker fault). A dead node announces no

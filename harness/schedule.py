@@ -138,6 +138,8 @@ class HoldController:
         fresh = sample_number > self._fresh_after
         if not fresh:
             return 0
+        if ready is None and self.published:
+            return 0  # the queue went (deleted, or its cluster node is down): no pouring work into nothing
         level = ready or 0
         if sample_number != self._seen_sample and self.published and level < self.depth:
             self.shortfalls += 1

@@ -391,3 +391,18 @@ def test_a_stage_is_known_by_its_own_broker_user_without_asking_the_os():
     resolver.remember(40002, "explorer")  # the port is also known from the process tree, as another stage's
     assert resolver(40002, "qp-gw0-1234.worker#2") == "worker#2"
     assert resolver.mismatches == [(40002, "worker#2", "explorer")]
+
+
+def test_a_killed_cluster_node_ends_the_connections_to_it_and_their_consumers():
+    from harness.attribution import NODE_DOWN
+    att = Attribution(VHOST, OWN, Resolver({40001: "w1", 40002: "w2"}))
+    for port, node in ((40001, 5672), (40002, 5673)):
+        fold(att, [(T0, "connection.created", {"pid": f"<c{port}>", "name": f"127.0.0.1:{port} -> 127.0.0.1:{node}",
+                                               "peer_port": port, "vhost": VHOST}),
+                   (T0, "channel.created", {"pid": f"<h{port}>", "connection": f"<c{port}>", "number": 1,
+                                            "vhost": VHOST, "name": f"127.0.0.1:{port} -> 127.0.0.1:{node} (1)"}),
+                   (T0, "consumer.created", {"channel": f"<h{port}>", "queue": "qa", "consumer_tag": f"t{port}",
+                                             "vhost": VHOST, "prefetch_count": 1, "ack_required": True})])
+    records = fold(att, [(T0 + 1, NODE_DOWN, {"port": 5673})])
+    assert [(r[0], r[2]["stage"], r[2]["cause"]) for r in records] == [("connection_closed", "w2", "node_down")]
+    assert [c["stage"] for c in att.consumers.values()] == ["w1"]

@@ -61,6 +61,15 @@ def test_a_hold_tops_up_to_its_target_and_waits_for_a_fresh_sample():
     assert hold.shortfalls == 0
 
 
+def test_a_hold_pours_nothing_into_a_queue_that_went_away():
+    hold = HoldController("q", depth=10, until=100.0)
+    assert hold.top_up(0.0, None, sample_number=1) == 20  # before the first publish: not there yet
+    hold.confirmed(20, sample_number=1)
+    assert hold.top_up(1.0, None, sample_number=2) == 0  # deleted, or its node is down
+    assert hold.shortfalls == 0
+    assert hold.top_up(2.0, 0, sample_number=3) > 0  # back: topped up again
+
+
 def test_a_hold_deepens_when_the_engine_outruns_it():
     hold = HoldController("q", depth=10, until=100.0)
     sample = 0
