@@ -616,10 +616,10 @@ def check_hello(ctx: Context) -> ClauseResult:
         still live at the deadline at some instant of [h, h + W]; when the reply also named a queue that
         no longer existed (stale) and its connection dropped within W, of [h, h' + W] instead, h' its
         next hello (the one reconnect a stale queue may cost). A worker serving a higher tag may wait, as
-        in PS-SUBSCRIBE. Not judged past teardown, while paused, or within {FAULT_EFFECT_WINDOW} s after
-        a fault that makes it reconnect ({RECONNECTING_FAULTS});
+        in PS-SUBSCRIBE. Not judged past teardown, while paused, or when a fault that makes it reconnect
+        ({RECONNECTING_FAULTS}) falls inside that interval (the fault that made it say hello comes before);
     (c) of the hello replies naming one stale queue, at most one is followed within W by a drop of its
-        connection (or an exit);
+        connection (or an exit), unless such a fault falls inside that W;
     (d) no more than {HELLO_STORM_LIMIT} hellos from one worker within any {HELLO_STORM_SECONDS} s,
         leaving out hellos within {FAULT_EFFECT_WINDOW} s after such a fault.
     Exercised = hello replies judged by (b) plus replies naming a stale queue judged by (c)."""
@@ -658,6 +658,12 @@ def _reconnect_faults(ctx: Context, sv) -> list[float]:
 
 def _near_fault(faults: list[float], a: float, b: float) -> bool:
     return any(a - FAULT_EFFECT_WINDOW <= f <= b for f in faults)
+
+
+def _fault_during(faults: list[float], a: float, b: float) -> bool:
+    """A reconnecting fault inside [a, b]: it, not the reply, decides what the worker does then. (The
+    fault that made the worker say hello comes before: its reply is what (b) and (c) judge.)"""
+    return any(a <= f <= b for f in faults)
 
 
 def _silent_connections(ctx: Context, hellos: list[dict]) -> list[Finding]:
@@ -709,7 +715,7 @@ def _judge_replies(ctx: Context, ps: PerScan, sv, hs: list[dict]) -> tuple[int, 
             deadline = hs[k + 1]["t"] + W
             after = (f" of its next hello at {ctx.rel(hs[k + 1]['t'])} (the one reconnect the stale "
                      f"{_queues(stale)} may cost)")
-        if deadline > ctx.teardown or intersect(sv.excused, [(t, deadline)]) or _near_fault(faults, t, deadline):
+        if deadline > ctx.teardown or intersect(sv.excused, [(t, deadline)]) or _fault_during(faults, t, deadline):
             continue
         judged += 1
         missing = [x for x in wanted if covers(ps.queues[x].live, deadline) and not _holds(sv, x, t, deadline)
@@ -736,7 +742,7 @@ def _stale_reconnects(ctx: Context, ps: PerScan, sv, hs: list[dict]) -> tuple[in
     per_queue: dict[str, list[dict]] = {}
     judged = 0
     for h in hs:
-        if h["t"] + W > ctx.teardown or _near_fault(faults, h["t"], h["t"] + W):
+        if h["t"] + W > ctx.teardown or _fault_during(faults, h["t"], h["t"] + W):
             continue
         for x in _stale(ps, h):
             judged += 1

@@ -320,6 +320,16 @@ def test_hello_fails_when_the_reply_is_not_consumed():
         f"consumer on {Q7} within W = 6 s.")
 
 
+def test_hello_judges_the_reply_to_a_hello_that_a_fault_provoked_but_not_one_a_fault_cut_short():
+    provoked = reconnect(consume=False)
+    provoked.fault(29.9, "close_connection", "worker")  # the broker closes it at 30 s: the hello at 31.2 s follows
+    r = judge(provoked, "PS-HELLO")
+    assert r.outcome == "failed" and "held no consumer" in r.findings[0].explanation
+    cut = reconnect(consume=False)
+    cut.fault(33, "close_connection", "worker")  # inside the reply's W: the fault decides, not the reply
+    assert judge(cut, "PS-HELLO").outcome != "failed"
+
+
 def test_hello_fails_on_a_reconnect_storm_over_a_stale_queue():
     r = judge(reconnect(answered=(Q6, Q7), stale_storm=8, consume=False), "PS-HELLO")
     assert r.outcome == "failed"
