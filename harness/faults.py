@@ -217,13 +217,15 @@ ENGINE_FAULTS: dict[str, EngineFault] = {f.name: f for f in [
                 "hello replies and at every check to read their depth, and ignores delete_queue (it waits for "
                 "the broker to cancel its consumer, and then tries again): a deleted per-scan queue is "
                 "created again within one check period.", stages=("worker",)),
-    EngineFault("wedge_on_empty_broadcast", ("FT-BAD-COMMAND",), "per_scan/bad_command",
+    # FT-BAD-COMMAND judges a stage's deliveries as a whole, and this worker keeps receiving from its static
+    # queue; what shows is the per-scan work it leaves waiting (PS-PROGRESS).
+    EngineFault("wedge_on_empty_broadcast", ("PS-PROGRESS",), "per_scan/bad_command",
                 "An empty message on the broadcast exchange kills the command consumer, which nobody "
                 "restarts (not even after a reconnect), and with it the worker's per-scan handling: its "
                 "per-scan consumers are cancelled, and later commands (abort, new_queue, delete_queue) are "
                 "never acted on. The stage does not exit and keeps serving its QUEUE_PRIORITY queues.",
                 # The per-scan queues it served, and any announced later, are left with their work.
-                may_also=("PS-SUBSCRIBE", "PS-PROGRESS", "DL-EXACTLY-ONCE")),
+                may_also=("PS-SUBSCRIBE", "FT-BAD-COMMAND", "DL-EXACTLY-ONCE")),
     EngineFault("debounce_new_queue", ("PS-SUBSCRIBE",), "per_scan/subscribe",
                 "The worker lets an announcement 'settle' before acting on it (to dodge scans that end at "
                 "once): a newly announced per-scan queue, broadcast or in a hello reply, is taken only at "

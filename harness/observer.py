@@ -231,14 +231,6 @@ class _FirehoseWorker(_Worker):
         self.announced = 0  # queues of view.traced_queues() bound so far
         self.bind_deliveries(obs._delivery_queues() + self._announced())
         trace.basic_consume(obs.trace_queue, self._on_trace, auto_ack=True)
-        output = self.connection.channel()
-        # Acked once handed to the recorder: a broker killed mid-run (restart_broker) keeps what the
-        # observer had not received yet and delivers it again, where the firehose's backlog is lost.
-        output.basic_qos(prefetch_count=OUTPUT_PREFETCH)
-        for name in obs.output_queues:
-            # Exactly as the engine declares them, or the broker refuses one of the two.
-            output.queue_declare(name, durable=True)
-            output.basic_consume(name, partial(self._on_output, name), auto_ack=False)
         self.last_message = time.monotonic()
 
     def _announced(self) -> list[str]:
@@ -256,11 +248,6 @@ class _FirehoseWorker(_Worker):
         self.last_message = time.monotonic()
         self.put("trace", time.time(), method.routing_key, properties.headers or {}, body)
 
-    def _on_output(self, queue, channel, method, properties, body) -> None:
-        self.last_message = time.monotonic()
-        self.put("output", time.time(), queue, properties.content_encoding, body, bool(method.redelivered))
-        channel.basic_ack(method.delivery_tag)
-
     def serve_once(self) -> None:
         # Queues announced since the last turn (by the broker's queue.created or add_queue);
         # bound here, since only this thread may touch its channel.
@@ -272,6 +259,30 @@ class _FirehoseWorker(_Worker):
         self.last_message = time.monotonic()
         while time.monotonic() < deadline and time.monotonic() - self.last_message < self.observer.drain_quiet:
             self.connection.process_data_events(time_limit=0.05)
+
+
+class _OutputWorker(_FirehoseWorker):
+    """The engine's output queues, read on a connection of their own: with the firehose on the same
+    connection, the fast, acked output traffic held the trace deliveries back for seconds under load."""
+
+    def setup(self) -> None:
+        output = self.connection.channel()
+        # Acked once handed to the recorder: a broker killed mid-run (restart_broker) keeps what the
+        # observer had not received yet and delivers it again, where the firehose's backlog is lost.
+        output.basic_qos(prefetch_count=OUTPUT_PREFETCH)
+        for name in self.observer.output_queues:
+            # Exactly as the engine declares them, or the broker refuses one of the two.
+            output.queue_declare(name, durable=True)
+            output.basic_consume(name, partial(self._on_output, name), auto_ack=False)
+        self.last_message = time.monotonic()
+
+    def _on_output(self, queue, channel, method, properties, body) -> None:
+        self.last_message = time.monotonic()
+        self.put("output", time.time(), queue, properties.content_encoding, body, bool(method.redelivered))
+        channel.basic_ack(method.delivery_tag)
+
+    def serve_once(self) -> None:
+        self.connection.process_data_events(time_limit=0.1)
 
 
 class _SampleWorker(_Worker):
@@ -401,10 +412,11 @@ class Observer:
         self._started = True
         events = _EventWorker(self, "events", self.event_vhost)
         firehose = _FirehoseWorker(self, "firehose", self.vhost)
+        output = _OutputWorker(self, "output", self.vhost)
         sampler = _SampleWorker(self, "sampler", self.vhost)
         try:
-            # The event queue is bound first, so it sees the other two connect (and leaves them out).
-            for worker in (events, firehose, sampler):
+            # The event queue is bound first, so it sees the others connect (and leaves them out).
+            for worker in (events, firehose, output, sampler):
                 worker.connect()
                 self._workers.append(worker)
         except ObserverError:
