@@ -222,11 +222,11 @@ def _draw_per_scan(ax, rows: list[dict[str, Any]], t0: float, colours: dict[str,
 
 def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
                     windows: Windows | None = None, title: str | None = None) -> Path:
-    """Write the timeline PNG to ``path`` and return it."""
+    """Write the timeline PNG to ``path`` and return it: queue levels on top, the per-scan queues (if
+    any) below them, one lane per stage at the bottom; faults, teardown and violations marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     results = list(results)
     path = Path(path)
@@ -235,7 +235,35 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     ctx = build_context(history, None, windows)
     t0 = ctx.start
     t_end = max(ctx.end, t0 + 1)
+    plan = _timeline_plan(ctx, history, plt)
+    lanes, ps_rows = plan["lanes"], plan["ps_rows"]
+    n_rows = sum(max(len(r), 1) for _, r in lanes) + max(len(lanes) - 1, 0)
+    ps_height = 0.28 * min(len(ps_rows), MAX_PS_ROWS) + 0.3 if ps_rows else 0.0
+    fig_h = 3.2 + 0.28 * n_rows + 0.6 + ps_height
+    ratios = [3.2] + ([ps_height] if ps_rows else []) + [max(0.28 * n_rows, 0.8)]
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(13, fig_h), sharex=True, gridspec_kw={"height_ratios": ratios})
+    ax_q, ax_s = axes[0], axes[-1]
+    if ps_rows:
+        _draw_per_scan(axes[1], ps_rows, t0, plan["tag_colour"])
+    failed = [r.clause for r in results if r.failed]
+    fig.suptitle(title or f"{history.of('run_started')[0].get('scenario', '') if history.of('run_started') else ''}"
+                 f"  —  {'FAILED: ' + ', '.join(failed) if failed else 'no violations'}"
+                 f"  (W = {windows.W:g} s, G = {windows.G:g} s)",
+                 fontsize=12, color="#b00020" if failed else "#1b5e20", x=0.01, ha="left")
+    _draw_levels(ax_q, plan, t0)
+    lane_y, row_pos = _draw_lanes(ax_s, plan, t0)
+    _draw_faults(axes, ax_q, history, ctx, t0)
+    _draw_violations(ax_q, ax_s, results, lane_y, row_pos, t0, t_end)
+    _draw_legend(ax_q, results, lanes)
+    ax_s.set_xlim(0, t_end - t0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
+
+def _timeline_plan(ctx, history, plt) -> dict:
+    """What the timeline shows: the queues plotted and their colours, the per-scan rows, the stage lanes."""
     stages = [sv for sv in ctx.stages.values() if sv.consumers or sv.priority]
     prio_queues: list[str] = []
     for sv in stages:
@@ -264,20 +292,13 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
                          and not str(c.queue).startswith("amq.")})
         tags = sorted({ps_tag[c.queue] for c in sv.consumers if c.queue in ps_tag})
         lanes.append((sv, rows + others + [_tag_row(tag) for tag in tags]))
-    n_rows = sum(max(len(r), 1) for _, r in lanes) + max(len(lanes) - 1, 0)
-    ps_height = 0.28 * min(len(ps_rows), MAX_PS_ROWS) + 0.3 if ps_rows else 0.0
-    fig_h = 3.2 + 0.28 * n_rows + 0.6 + ps_height
-    ratios = [3.2] + ([ps_height] if ps_rows else []) + [max(0.28 * n_rows, 0.8)]
-    fig, axes = plt.subplots(len(ratios), 1, figsize=(13, fig_h), sharex=True, gridspec_kw={"height_ratios": ratios})
-    ax_q, ax_s = axes[0], axes[-1]
-    if ps_rows:
-        _draw_per_scan(axes[1], ps_rows, t0, tag_colour)
-    failed = [r.clause for r in results if r.failed]
-    fig.suptitle(title or f"{history.of('run_started')[0].get('scenario', '') if history.of('run_started') else ''}"
-                 f"  —  {'FAILED: ' + ', '.join(failed) if failed else 'no violations'}"
-                 f"  (W = {windows.W:g} s, G = {windows.G:g} s)",
-                 fontsize=12, color="#b00020" if failed else "#1b5e20", x=0.01, ha="left")
+    return {"series": series, "ps_rows": ps_rows, "ps_tag": ps_tag, "plot_queues": plot_queues, "colour": colour,
+            "tag_colour": tag_colour, "lanes": lanes}
 
+
+def _draw_levels(ax_q, plan: dict, t0: float) -> None:
+    """The top panel: each plotted queue's ready count (per-scan queues in their tag's colour)."""
+    series, ps_tag, plot_queues, colour = plan["series"], plan["ps_tag"], plan["plot_queues"], plan["colour"]
     for q in plot_queues:
         xs, ys = series.get(q, ([], []))
         if not xs:
@@ -292,7 +313,12 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     ax_q.set_ylabel("ready messages")
     ax_q.grid(True, alpha=0.3)
 
-    # stage lanes
+
+
+def _draw_lanes(ax_s, plan: dict, t0: float) -> tuple[dict, dict]:
+    """The stage lanes: a row per queue a stage consumed, bars while it held a consumer; returns where
+    each lane and row is (for the violations)."""
+    lanes, ps_tag, colour = plan["lanes"], plan["ps_tag"], plan["colour"]
     yticks, ylabels = [], []
     y = 0.0
     lane_y: dict[str, tuple[float, float]] = {}
@@ -331,7 +357,10 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     ax_s.set_xlabel("seconds since run start")
     ax_s.grid(True, axis="x", alpha=0.3)
 
-    # faults and teardown
+    return lane_y, row_pos
+
+
+def _draw_faults(axes, ax_q, history, ctx, t0: float) -> None:
     for ev in history.of("fault"):
         for ax in axes:
             ax.axvline(ev["t"] - t0, color="#6a1b9a", ls="--", lw=1)
@@ -341,8 +370,12 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         for ax in axes:
             ax.axvline(ctx.teardown - t0, color="#444444", ls=":", lw=1)
 
-    # violations: shade the rows of the queues a finding names (the whole lane if none), label the
-    # clause id once per stage and span; the top panel gets the union of all violation spans.
+
+
+def _draw_violations(ax_q, ax_s, results: list[ClauseResult], lane_y: dict, row_pos: dict, t0: float,
+                     t_end: float) -> None:
+    """Shade the rows of the queues a finding names (the whole lane if none), label the clause id once
+    per stage and span; the top panel gets the union of all violation spans."""
     from harness.checkers._common import merge as _merge
     spans: dict[tuple, list[str]] = {}
     rows_of: dict[tuple, set] = {}
@@ -388,6 +421,10 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
         elif k < 8:
             ax_q.text(a, 0.97 - 0.07 * k, label, transform=ax_q.get_xaxis_transform(), color="#b00020",
                       fontsize=8, va="top", fontweight="bold", bbox={"facecolor": "white", "alpha": 0.75, "lw": 0, "pad": 1})
+
+
+def _draw_legend(ax_q, results: list[ClauseResult], lanes) -> None:
+    from matplotlib.patches import Patch
     handles = [Patch(color="#e53935", alpha=0.3, label="violation (clause id)")]
     if any(sv.excused for sv, _ in lanes):
         handles.append(Patch(color="#999999", alpha=0.2, label="stage paused by a fault"))
@@ -397,11 +434,6 @@ def render_timeline(history, results: Iterable[ClauseResult], path: Path | str,
     if lines or handles:  # a run that ended before any sample (no stage started) has nothing to label
         ax_q.legend(lines + handles, names + [h.get_label() for h in handles], loc="upper right", fontsize=8,
                     ncol=min(4, len(lines) + len(handles)), framealpha=0.85)
-    ax_s.set_xlim(0, t_end - t0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 __all__ = ["format_failure", "format_finding", "format_summary", "per_scan_rows", "render_timeline", "TITLES"]

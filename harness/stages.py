@@ -207,6 +207,23 @@ PLACEHOLDERS = {
 }
 
 
+def fill_placeholders(template: list[str], **values: str) -> list[str]:
+    """The command for one instance: each ``{name}`` of PLACEHOLDERS replaced word by word, so that a
+    config can travel to a container or another host."""
+    words = []
+    for part in template:
+        for name, value in values.items():
+            part = part.replace("{" + name + "}", value)
+        words.append(part)
+    return words
+
+
+def write_env_file(path: Path, env: dict[str, str], own: set[str]) -> Path:
+    """``{env_file}``: the instance's own variables (never the harness's environment), KEY=VALUE per line."""
+    path.write_text("".join(f"{k}={env[k]}\n" for k in sorted(own) if k in env), encoding="utf-8")
+    return path
+
+
 class StageLauncher:
     """Starts, watches and stops the engine stages of one scenario run."""
 
@@ -242,23 +259,7 @@ class StageLauncher:
 
     # ------------------------------------------------------------------ start
     def argv(self, kind: str, **places: str) -> list[str]:
-        """The command for one instance: ``{stage}`` is its kind; ``places`` fill the other placeholders
-        (PLACEHOLDERS) word by word, so that a config can travel to a container or another host."""
-        values = {"stage": kind, **places}
-        words = []
-        for part in self.template:
-            for name, value in values.items():
-                part = part.replace("{" + name + "}", value)
-            words.append(part)
-        return words
-
-    def write_env_file(self, name: str, env: dict[str, str], stage) -> Path:
-        """``{env_file}``: the instance's own variables (not the harness's environment), KEY=VALUE per line."""
-        own = {"QUEUE_PRIORITY", "CONVERSION_PRIORITY", "OS2DS_ENGINE_USER_CONFIG_PATH",
-               *self.engine_env, *(stage.env or {})}
-        path = self.stage_dir / f"{name}.env"
-        path.write_text("".join(f"{k}={env[k]}\n" for k in sorted(own) if k in env), encoding="utf-8")
-        return path
+        return fill_placeholders(self.template, stage=kind, **places)
 
     def config(self, instance: str | None = None) -> dict[str, Any]:
         """The engine's TOML config; with ``instance``, that instance's own broker user."""
@@ -326,8 +327,10 @@ class StageLauncher:
             config_toml = tomli_w.dumps(self.config(name))
             config_path.write_text(config_toml, encoding="utf-8")
             env = self.environment(stage, config_path)
+            own = {"QUEUE_PRIORITY", "CONVERSION_PRIORITY", "OS2DS_ENGINE_USER_CONFIG_PATH",
+                   *self.engine_env, *(stage.env or {})}
             places = {"config": str(config_path), "config_toml": config_toml, "instance": name,
-                      "env_file": str(self.write_env_file(name, env, stage))}
+                      "env_file": str(write_env_file(self.stage_dir / f"{name}.env", env, own))}
             proc = StageProcess(name, stage.name, stage.kind, self.argv(stage.kind, **places), {},
                                 self.stage_dir / f"{name}.log", config_path, stage)
             proc.env = env
