@@ -398,6 +398,33 @@ def build_context(history, scenario, windows: Windows) -> Context:
 
 
 def _build_stages(history, end: float, teardown: float, windows: Windows) -> dict[str, StageView]:
+    stages = _stage_lives(history, end)
+    fold = _ConsumerFold(end)
+    for ev in history.of(*_ConsumerFold.EVENTS):
+        getattr(fold, "on_" + ev["type"])(ev)
+    fold.finish()
+    exits_by_stage: dict[str, list[float]] = {}
+    for sv in stages.values():
+        exits_by_stage[sv.name] = [e["t"] for e in sv.exits]
+    _explain_cancels(fold, exits_by_stage, teardown, windows)
+    for c in fold.closed:
+        sv = stages.get(c.stage)
+        if sv is not None:
+            sv.consumers.append(c)
+    for name, ds in fold.drops_by_stage.items():
+        if name in stages:
+            stages[name].drops = sorted(ds)
+    for sv in stages.values():
+        sv.consumers.sort(key=lambda c: (c.start, c.end))
+    _excuse_pauses(history, stages, end, windows)
+    for sv in stages.values():
+        pq = set(sv.priority)
+        sv.unattributed = sum(1 for t, q in fold.unattributed if q in pq and any(a <= t <= b for a, b in sv.lives))
+    return stages
+
+
+def _stage_lives(history, end: float) -> dict[str, StageView]:
+    """A view per stage instance with its starts, exits and lives (start to next exit)."""
     stages: dict[str, StageView] = {}
     for ev in history.of("stage_started"):
         name = ev.get("stage")
@@ -406,112 +433,120 @@ def _build_stages(history, end: float, teardown: float, windows: Windows) -> dic
             sv = stages[name] = StageView(name, ev.get("kind"), ev.get("role"),
                                           list(dict.fromkeys(ev.get("queue_priority") or [])))
         sv.starts.append(ev)
-    exits_by_stage: dict[str, list[float]] = {}
     for ev in history.of("stage_exited"):
         if ev.get("stage") in stages:
             stages[ev["stage"]].exits.append(ev)
-            exits_by_stage.setdefault(ev["stage"], []).append(ev["t"])
     for sv in stages.values():
         exits = sorted(e["t"] for e in sv.exits)
         for st in sv.starts:
             i = bisect.bisect_left(exits, st["t"])
             sv.lives.append((st["t"], exits[i] if i < len(exits) else end))
+    return stages
 
-    chan_conn: dict[Any, Any] = {}
-    open_: dict[tuple, Consumer] = {}
-    by_stage_open: dict[str, set] = {}
-    drops_by_stage: dict[str, list[float]] = {}
-    qdel: dict[str, list[float]] = {}
-    relevant = ("consumer_created", "consumer_deleted", "channel_created", "channel_closed",
-                "connection_closed", "queue_deleted", "stage_exited")
-    events = history.of(*relevant)
-    closed: list[Consumer] = []
 
-    def close(key, t, reason):
-        c = open_.pop(key)
-        by_stage_open.get(c.stage, set()).discard(key)
+class _ConsumerFold:
+    """Every consumer's life, folded from the broker's events: one handler per event type."""
+
+    EVENTS = ("consumer_created", "consumer_deleted", "channel_created", "channel_closed",
+              "connection_closed", "queue_deleted", "stage_exited")
+
+    def __init__(self, end: float):
+        self.end = end
+        self.chan_conn: dict[Any, Any] = {}
+        self.open: dict[tuple, Consumer] = {}  # (chan, tag, stage, queue) -> consumer
+        self.by_stage_open: dict[str, set] = {}
+        self.drops_by_stage: dict[str, list[float]] = {}
+        self.qdel: dict[str, list[float]] = {}
+        self.closed: list[Consumer] = []
+        self.unattributed: list[tuple[float, str]] = []
+
+    def close(self, key, t, reason) -> None:
+        c = self.open.pop(key)
+        self.by_stage_open.get(c.stage, set()).discard(key)
         c.end, c.reason = t, reason
-        closed.append(c)
+        self.closed.append(c)
 
-    unattributed: list[tuple[float, str]] = []
-    for ev in events:
-        typ = ev["type"]
-        t = ev["t"]
-        if typ == "consumer_created":
-            stage = ev.get("stage")
-            if stage is None:
-                unattributed.append((t, ev.get("queue")))
-                continue
-            if stage == "harness":
-                continue
-            key = (ev.get("chan"), ev.get("tag"), stage, ev.get("queue"))
-            if key in open_:
-                close(key, t, "cancel")
-            open_[key] = Consumer(stage, ev.get("queue"), t, end, "open", ev.get("tag"), ev.get("chan"))
-            by_stage_open.setdefault(stage, set()).add(key)
-        elif typ == "consumer_deleted":
-            stage = ev.get("stage")
-            key = (ev.get("chan"), ev.get("tag"), stage, ev.get("queue"))
-            if key not in open_:
-                # the observer may not know the owner at deletion time: match by tag
-                key = next((k for k in by_stage_open.get(stage, ()) if k[1] == ev.get("tag")), None) if stage else None
-                if key is None:
-                    key = next((k for k in open_ if k[1] == ev.get("tag") and k[3] == ev.get("queue")), None)
-                if key is None:
-                    continue
-            close(key, t, "cancel")
-        elif typ == "channel_created":
-            chan_conn[ev.get("chan")] = ev.get("conn")
-        elif typ == "channel_closed":
-            stage = ev.get("stage")
-            keys = [k for k in open_ if k[0] == ev.get("chan") and ev.get("chan") is not None]
-            for k in keys:
-                close(k, t, "conn_closed")
-            if stage and keys:  # closing a channel without consumers (e.g. a publishing one) drops nothing
-                drops_by_stage.setdefault(stage, []).append(t)
-        elif typ == "connection_closed":
-            stage = ev.get("stage")
-            conn = ev.get("conn")
-            keys = [k for k in open_ if k[0] is not None and chan_conn.get(k[0]) == conn and conn is not None]
-            if not keys and stage:
-                keys = [k for k in list(by_stage_open.get(stage, ())) if k[0] not in chan_conn or chan_conn.get(k[0]) == conn]
-            for k in keys:
-                close(k, t, "conn_closed")
-            if stage:
-                drops_by_stage.setdefault(stage, []).append(t)
-        elif typ == "queue_deleted":
-            q = ev.get("queue")
-            qdel.setdefault(q, []).append(t)
-            for k in [k for k in open_ if k[3] == q]:
-                close(k, t, "queue_deleted")
-        elif typ == "stage_exited":
-            for k in list(by_stage_open.get(ev.get("stage"), ())):
-                close(k, t, "exit")
-    for k in list(open_):
-        close(k, end, "open")
+    def finish(self) -> None:
+        for k in list(self.open):
+            self.close(k, self.end, "open")
 
-    # A broker-side consumer.deleted stamped next to the event that caused it is not a cancel.
-    for c in closed:
+    def on_consumer_created(self, ev: dict) -> None:
+        stage, t = ev.get("stage"), ev["t"]
+        if stage is None:
+            self.unattributed.append((t, ev.get("queue")))
+            return
+        if stage == "harness":
+            return
+        key = (ev.get("chan"), ev.get("tag"), stage, ev.get("queue"))
+        if key in self.open:
+            self.close(key, t, "cancel")
+        self.open[key] = Consumer(stage, ev.get("queue"), t, self.end, "open", ev.get("tag"), ev.get("chan"))
+        self.by_stage_open.setdefault(stage, set()).add(key)
+
+    def on_consumer_deleted(self, ev: dict) -> None:
+        stage = ev.get("stage")
+        key = (ev.get("chan"), ev.get("tag"), stage, ev.get("queue"))
+        if key not in self.open:
+            # the observer may not know the owner at deletion time: match by tag
+            key = next((k for k in self.by_stage_open.get(stage, ()) if k[1] == ev.get("tag")), None) if stage else None
+            if key is None:
+                key = next((k for k in self.open if k[1] == ev.get("tag") and k[3] == ev.get("queue")), None)
+            if key is None:
+                return
+        self.close(key, ev["t"], "cancel")
+
+    def on_channel_created(self, ev: dict) -> None:
+        self.chan_conn[ev.get("chan")] = ev.get("conn")
+
+    def on_channel_closed(self, ev: dict) -> None:
+        stage = ev.get("stage")
+        keys = [k for k in self.open if k[0] == ev.get("chan") and ev.get("chan") is not None]
+        for k in keys:
+            self.close(k, ev["t"], "conn_closed")
+        if stage and keys:  # closing a channel without consumers (e.g. a publishing one) drops nothing
+            self.drops_by_stage.setdefault(stage, []).append(ev["t"])
+
+    def on_connection_closed(self, ev: dict) -> None:
+        stage, conn = ev.get("stage"), ev.get("conn")
+        keys = [k for k in self.open if k[0] is not None and self.chan_conn.get(k[0]) == conn and conn is not None]
+        if not keys and stage:
+            keys = [k for k in list(self.by_stage_open.get(stage, ()))
+                    if k[0] not in self.chan_conn or self.chan_conn.get(k[0]) == conn]
+        for k in keys:
+            self.close(k, ev["t"], "conn_closed")
+        if stage:
+            self.drops_by_stage.setdefault(stage, []).append(ev["t"])
+
+    def on_queue_deleted(self, ev: dict) -> None:
+        q = ev.get("queue")
+        self.qdel.setdefault(q, []).append(ev["t"])
+        for k in [k for k in self.open if k[3] == q]:
+            self.close(k, ev["t"], "queue_deleted")
+
+    def on_stage_exited(self, ev: dict) -> None:
+        for k in list(self.by_stage_open.get(ev.get("stage"), ())):
+            self.close(k, ev["t"], "exit")
+
+
+def _explain_cancels(fold: _ConsumerFold, exits_by_stage: dict[str, list[float]], teardown: float,
+                     windows: Windows) -> None:
+    """A broker-side consumer.deleted stamped next to the event that caused it is not a cancel."""
+    for c in fold.closed:
         if c.reason != "cancel":
             continue
         t = c.end
         if t >= teardown:
             c.reason = "teardown"
-        elif _near(qdel.get(c.queue, ()), t - EXPLAIN_SLACK, t + EXPLAIN_SLACK):
+        elif _near(fold.qdel.get(c.queue, ()), t - EXPLAIN_SLACK, t + EXPLAIN_SLACK):
             c.reason = "queue_deleted"
-        elif _near(drops_by_stage.get(c.stage, ()), t - EXPLAIN_SLACK, t + EXPLAIN_SLACK):
+        elif _near(fold.drops_by_stage.get(c.stage, ()), t - EXPLAIN_SLACK, t + EXPLAIN_SLACK):
             c.reason = "conn_closed"
         elif _near(exits_by_stage.get(c.stage, ()), t - EXPLAIN_SLACK, t + windows.W):
             c.reason = "exit"
-    for c in closed:
-        sv = stages.get(c.stage)
-        if sv is not None:
-            sv.consumers.append(c)
-    for name, ds in drops_by_stage.items():
-        if name in stages:
-            stages[name].drops = sorted(ds)
-    for sv in stages.values():
-        sv.consumers.sort(key=lambda c: (c.start, c.end))
+
+
+def _excuse_pauses(history, stages: dict[str, StageView], end: float, windows: Windows) -> None:
+    """A paused stage is excused from its pause until W after it was resumed."""
     paused: dict[str, float] = {}
     for ev in history.of("fault"):
         kind, target = str(ev.get("kind", "")), ev.get("target")
@@ -525,9 +560,6 @@ def _build_stages(history, end: float, teardown: float, windows: Windows) -> dic
         stages[target].excused.append((t, end))
     for sv in stages.values():
         sv.excused = merge(sv.excused)
-        pq = set(sv.priority)
-        sv.unattributed = sum(1 for t, q in unattributed if q in pq and any(a <= t <= b for a, b in sv.lives))
-    return stages
 
 
 def _near(times, a: float, b: float) -> bool:
