@@ -336,6 +336,42 @@ class Workload:
             days=days, minutes=number % 1440, seconds=rng.randint(0, 59), microseconds=rng.randint(1, 999_999))
         return scan_time, self.CUTOFF_BASE + timedelta(days=days, minutes=number % 1440)
 
+    @staticmethod
+    def _choose_files(rng: random.Random, phase: Phase, delta: bool) -> tuple[list[str], list[int], list[int], set[int]]:
+        """The scan's file names, which are recent (expected), which old (before a delta's cutoff), and
+        which carry CPR numbers (old files too: a wrong explorer that scans them would find them)."""
+        n_old = 0
+        if delta:
+            n_old = phase.old_files if phase.old_files is not None else phase.objects // 2
+        total = phase.objects + n_old
+        names = [f"doc{i:05d}.txt" for i in range(total)]
+        # Which files are recent (expected) and which are old, shuffled so order does not tell.
+        order = list(range(total))
+        rng.shuffle(order)
+        expected_idx = sorted(order[: phase.objects])
+        old_idx = sorted(order[phase.objects:])
+        n_cpr = round(phase.objects * phase.cpr_share)
+        cpr_idx = set(rng.sample(expected_idx, n_cpr))
+        cpr_idx |= set(rng.sample(old_idx, round(len(old_idx) * phase.cpr_share)))
+        return names, expected_idx, old_idx, cpr_idx
+
+    def _write_files(self, rng: random.Random, source_dir: Path, names: list[str], cpr_idx: set[int],
+                     old_set: set[int], delta: bool, cutoff_dt) -> None:
+        """Write the documents, with modification times before or after the cutoff as chosen."""
+        for i, name in enumerate(names):
+            cprs = [make_cpr(rng) for _ in range(rng.randint(1, 3))] if i in cpr_idx else []
+            text = compose_document(self.pool, rng, cprs, rng.choice(self.pool.names))
+            path = source_dir / name
+            path.write_text(text, encoding="utf-8")
+            if delta and i in old_set:
+                mtime = cutoff_dt - timedelta(days=rng.uniform(30, 1000))
+            elif delta:
+                mtime = cutoff_dt + timedelta(hours=rng.uniform(2, 24 * 300))
+            else:
+                mtime = cutoff_dt + timedelta(days=rng.uniform(-1000, 300))
+            stamp = mtime.timestamp()
+            os.utime(path, (stamp, stamp))
+
     def _plan_scan(self, phase_index: int, phase: Phase, number: int,
                    per_scan_queue_name: str | None = None) -> PlannedScan:
         rng = random.Random(self._scan_seed(phase_index, number))
@@ -353,35 +389,8 @@ class Workload:
         scan_time, cutoff_dt = self._times(rng, phase_index, number)
         cutoff = cutoff_dt.strftime(TIME_FORMAT) if delta else None
 
-        n_old = 0
-        if delta:
-            n_old = phase.old_files if phase.old_files is not None else phase.objects // 2
-        total = phase.objects + n_old
-        names = [f"doc{i:05d}.txt" for i in range(total)]
-        # Which files are recent (expected) and which are old, shuffled so order does not tell.
-        order = list(range(total))
-        rng.shuffle(order)
-        expected_idx = sorted(order[: phase.objects])
-        old_idx = sorted(order[phase.objects:])
-        n_cpr = round(phase.objects * phase.cpr_share)
-        cpr_idx = set(rng.sample(expected_idx, n_cpr))
-        # Old files carry CPRs too: a wrong explorer that scans them would find them.
-        cpr_idx |= set(rng.sample(old_idx, round(len(old_idx) * phase.cpr_share)))
-        old_set = set(old_idx)
-
-        for i, name in enumerate(names):
-            cprs = [make_cpr(rng) for _ in range(rng.randint(1, 3))] if i in cpr_idx else []
-            text = compose_document(self.pool, rng, cprs, rng.choice(self.pool.names))
-            path = source_dir / name
-            path.write_text(text, encoding="utf-8")
-            if delta and i in old_set:
-                mtime = cutoff_dt - timedelta(days=rng.uniform(30, 1000))
-            elif delta:
-                mtime = cutoff_dt + timedelta(hours=rng.uniform(2, 24 * 300))
-            else:
-                mtime = cutoff_dt + timedelta(days=rng.uniform(-1000, 300))
-            stamp = mtime.timestamp()
-            os.utime(path, (stamp, stamp))
+        names, expected_idx, old_idx, cpr_idx = self._choose_files(rng, phase, delta)
+        self._write_files(rng, source_dir, names, cpr_idx, set(old_idx), delta, cutoff_dt)
 
         source = {"type": "file", "path": str(source_dir)}
         spec = {
