@@ -81,7 +81,7 @@ def main() -> int:
                     broker.management.create_user(stage_user(name, f"stage#{n + 1}"), "a-password", name)
                 broker.management.delete_vhost(name)  # deletes the vhost's stage users too
                 user_costs.append(time.monotonic() - began)
-            left = [u for u in broker.management.users() if u.startswith("qp-")]
+            left = [u for u in broker.management.users() if ".stage#" in u]
             if left:
                 print(f"stage users left after their vhosts were deleted: {left[:5]}")
         finally:
