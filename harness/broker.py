@@ -82,6 +82,9 @@ class ManagementClient:
     def node(self, name: str) -> dict:
         return self._call("GET", "nodes", name).json()
 
+    def nodes(self) -> list[dict]:
+        return self._call("GET", "nodes").json()
+
     def whoami(self) -> dict:
         return self._call("GET", "whoami").json()
 

@@ -93,7 +93,7 @@ class LocalCluster:
 
     def members(self) -> list[str]:
         """The running nodes, as the seed's management API reports them."""
-        return sorted(n["name"] for n in self.broker.management._call("GET", "nodes").json() if n.get("running"))
+        return sorted(n["name"] for n in self.broker.management.nodes() if n.get("running"))
 
     def node_index(self, amqp_port: int) -> int:
         return self.broker.node_ports.index(amqp_port)

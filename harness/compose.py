@@ -36,12 +36,7 @@ _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([
 class DeploymentError(ScenarioError):
     """A compose file or client export that cannot be used: names the file, the field and the reason."""
 
-    def __init__(self, path: Path | str, problems: list[tuple[str, str]]):
-        super().__init__(path, problems)
-        self.args = (str(self).replace(": invalid scenario", ": cannot be imported", 1),)
-
-    def __str__(self) -> str:
-        return self.args[0]
+    heading = "cannot be imported"
 
 
 @dataclass

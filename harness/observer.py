@@ -133,6 +133,13 @@ class _Worker(threading.Thread):
     def drain(self) -> None:
         """Called once the observer stops: take what is still in flight."""
 
+    def drain_until_quiet(self) -> None:
+        """Read on until nothing has come for drain_quiet seconds (at most drain_timeout)."""
+        deadline = time.monotonic() + self.observer.drain_timeout
+        self.last_message = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - self.last_message < self.observer.drain_quiet:
+            self.connection.process_data_events(time_limit=0.05)
+
     def run(self) -> None:
         stopping = self.observer._stopping
         while True:
@@ -255,13 +262,10 @@ class _FirehoseWorker(_Worker):
         self.connection.process_data_events(time_limit=0.1)
 
     def drain(self) -> None:
-        deadline = time.monotonic() + self.observer.drain_timeout
-        self.last_message = time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - self.last_message < self.observer.drain_quiet:
-            self.connection.process_data_events(time_limit=0.05)
+        self.drain_until_quiet()
 
 
-class _OutputWorker(_FirehoseWorker):
+class _OutputWorker(_Worker):
     """The engine's output queues, read on a connection of their own: with the firehose on the same
     connection, the fast, acked output traffic held the trace deliveries back for seconds under load."""
 
@@ -283,6 +287,9 @@ class _OutputWorker(_FirehoseWorker):
 
     def serve_once(self) -> None:
         self.connection.process_data_events(time_limit=0.1)
+
+    def drain(self) -> None:
+        self.drain_until_quiet()
 
 
 class _SampleWorker(_Worker):

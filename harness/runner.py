@@ -237,7 +237,7 @@ class ScenarioRun:
                 self.say(f"all {done} objects owed have a result")
                 self._settle(launcher)
                 return "complete"
-            activity = (self.ledger.activity(), launcher.restart_pending)
+            activity = self.ledger.activity()
             if activity != last_activity or flooding or not later_started or faulting or launcher.restart_pending:
                 last_activity, quiet_since = activity, now
             elif now - quiet_since > self._stall_after() and now >= stages_graced:

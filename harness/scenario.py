@@ -547,10 +547,12 @@ def _duplicates(names: list[str], where: str, field: str | None) -> list[str]:
 class ScenarioError(Exception):
     """A scenario file that cannot be used. ``str()`` is the message for the user."""
 
+    heading = "invalid scenario"
+
     def __init__(self, path: Path | str, problems: list[tuple[str, str]]):
         self.path = str(path)
         self.problems = problems  # (field path, reason)
-        lines = [f"{self.path}: invalid scenario"]
+        lines = [f"{self.path}: {self.heading}"]
         lines += [f"  {loc or '<file>'}: {reason}" for loc, reason in problems]
         super().__init__("\n".join(lines))
 
