@@ -5,25 +5,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
+
+from waiting import wait_until
 
 DETACH = [sys.executable, "-m", "harness.detach"]
 # A stand-in engine: prints its pid, then runs until told otherwise.
 SLEEPER = [sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"]
 DEADLINE = 10.0
 
-
-def wait_until(predicate, timeout: float = DEADLINE):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout} s: {predicate}")
 
 
 @pytest.fixture
@@ -53,22 +45,22 @@ def test_sigterm_is_forwarded_and_the_wrapper_ends_by_it(detached):
     wrapper, engine = detached()
     wrapper.send_signal(signal.SIGTERM)
     assert wrapper.wait(DEADLINE) == -signal.SIGTERM
-    wait_until(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE)
+    wait_until(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, DEADLINE, "the engine gone")
 
 
 def test_killing_the_wrappers_group_leaves_nothing_running(detached):
     wrapper, engine = detached()
     os.killpg(wrapper.pid, signal.SIGKILL)  # how the harness kills a stage
     wrapper.wait(DEADLINE)
-    wait_until(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE)
+    wait_until(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, DEADLINE, "the engine gone")
 
 
 def test_a_stopped_wrapper_stops_the_command_and_a_continued_one_continues_it(detached):
     wrapper, engine = detached()
     os.killpg(wrapper.pid, signal.SIGSTOP)  # a pause fault
-    wait_until(lambda: engine.status() == psutil.STATUS_STOPPED)
+    wait_until(lambda: engine.status() == psutil.STATUS_STOPPED, DEADLINE, "the engine stopped")
     os.killpg(wrapper.pid, signal.SIGCONT)
-    wait_until(lambda: engine.status() != psutil.STATUS_STOPPED)
+    wait_until(lambda: engine.status() != psutil.STATUS_STOPPED, DEADLINE, "the engine running again")
     wrapper.terminate()
     assert wrapper.wait(DEADLINE) == -signal.SIGTERM
 

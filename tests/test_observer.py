@@ -12,6 +12,7 @@ from harness.history import EVENT_TYPES, HistoryWriter
 from harness.messages import OUTPUT_QUEUES, encode_body
 from harness.observer import Observer
 from harness.scenario import Stage
+from waiting import wait_until
 
 FAKE_STAGE = [sys.executable, str(Path(__file__).parent / "helpers" / "fake_stage.py"), "{stage}"]
 
@@ -40,15 +41,6 @@ def of(history, type_, **match):
     return [e for e in history.events if e["type"] == type_ and all(e.get(k) == v for k, v in match.items())]
 
 
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    return predicate()
-
 
 def test_a_detached_stage_is_attributed_by_its_own_broker_user(make_observer, make_launcher, history, broker, vhost):
     """A stage outside the launched process's tree (harness.detach, as docker run or ssh give) is known by
@@ -63,7 +55,7 @@ def test_a_detached_stage_is_attributed_by_its_own_broker_user(make_observer, ma
     [conn] = of(history, "connection_created", stage="w1")
     # The management API lists a connection some time after the broker's event says it exists.
     owners = wait_until(lambda: {c["name"]: c["user"] for c in broker.management.connections(vhost.name)
-                                 if c["name"] == conn["name"]})
+                                 if c["name"] == conn["name"]}, 10, "the management API listing the connection")
     assert owners[conn["name"]] == started["broker_user"]
     assert not psutil.Process(proc.pid).children(recursive=True), "the engine should not be the wrapper's child"
     stages.stop_all(grace=5)

@@ -15,19 +15,11 @@ import pytest
 from harness.observer import Observer
 from harness.scenario import Restart, Stage
 from harness.stages import DEFAULT_COMMAND, StageExited, StageLauncher, StageStartError
+from waiting import wait_until
 
 FAKE_STAGE = [sys.executable, str(Path(__file__).parent / "helpers" / "fake_stage.py"), "{stage}"]
 
 
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    return predicate()
 
 
 def gone(pid: int) -> bool:

@@ -16,25 +16,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pika
 import pika.exceptions
 
+from waiting import wait_until  # noqa: F401  (the engine tests take it from here)
+
 REPO = Path(__file__).resolve().parents[2]
 DATA_PROPS = pika.BasicProperties(delivery_mode=2, content_encoding="gzip")
 
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
-    """Poll ``predicate`` until it is truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def encode(obj) -> bytes:
