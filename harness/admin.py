@@ -90,8 +90,11 @@ class Admin:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="admin")
         self._ready = threading.Event()
-        self._gone_lock = threading.Lock()
-        self._gone: set[str] = set()  # queues deleted (read by the phase driver: a hold on one stops)
+        # Shared with other threads, under _shared_lock: the queues deleted (the phase driver stops a hold
+        # on one) and the live scan queues' tags (the runner's consuming_tag triggers).
+        self._shared_lock = threading.Lock()
+        self._gone: set[str] = set()
+        self._live_tags: dict[str, str] = {}
         # Admin-thread state only.
         self._connection: pika.BlockingConnection | None = None
         self._channel = None
@@ -121,8 +124,13 @@ class Admin:
             self._call(self._open_scans, scans)
 
     def was_deleted(self, queue_name: str) -> bool:
-        with self._gone_lock:
+        with self._shared_lock:
             return queue_name in self._gone
+
+    def live_queues(self, tag: str) -> set[str]:
+        """The live per-scan queues of the scenario's scans announced with ``tag``."""
+        with self._shared_lock:
+            return {name for name, queue_tag in self._live_tags.items() if queue_tag == tag}
 
     def phase_done(self, index: int) -> None:
         """Phase ``index`` publishes no more: its queues may go once their scans are answered."""
@@ -236,6 +244,8 @@ class Admin:
                 live = LiveQueue(scan.conversion_queue, scan.per_scan, scan.phase)
                 self._declare(live.name)
                 self._live[live.name] = live
+                with self._shared_lock:
+                    self._live_tags[live.name] = live.tag
                 live.scans.append(scan.scan)
                 self._announce(live, "scan_start")
             elif scan.scan not in live.scans:
@@ -287,8 +297,9 @@ class Admin:
                             ready=self.observer.ready(live.name))
         self._channel.queue_delete(live.name)
         self._deleted.append(live)
-        with self._gone_lock:
+        with self._shared_lock:
             self._gone.add(live.name)
+            self._live_tags.pop(live.name, None)
 
     def _delete_phase_queue(self, index: int) -> str:
         live = next((q for q in self._live.values() if q.phase == index), None)

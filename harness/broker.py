@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import pika
 import psutil
@@ -101,8 +101,41 @@ class ManagementClient:
         self._call("PUT", "vhosts", vhost, json={"tracing": tracing, "description": description})
         self._call("PUT", "permissions", vhost, self.user, json={"configure": ".*", "write": ".*", "read": ".*"})
 
+    def set_default_queue_type(self, vhost: str, queue_type: str) -> None:
+        """Queues declared in ``vhost`` without x-queue-type get ``queue_type`` from now on (RabbitMQ's
+        per-vhost default queue type, 3.10 and later; exclusive queues stay classic).
+
+        RabbitMQ 3.10 takes it only when the vhost is created (as ``defaultqueuetype``; 3.11 and later
+        also update it, as ``default_queue_type``): when an update does not take, the vhost, still
+        empty, is created again with it."""
+        record = self.vhost(vhost) or {}
+        body = {"tracing": bool(record.get("tracing", True)), "description": record.get("description", ""),
+                "default_queue_type": queue_type, "defaultqueuetype": queue_type}
+        self._call("PUT", "vhosts", vhost, json=body)
+        if self.default_queue_type(vhost) == queue_type:
+            return
+        if self.queues(vhost):
+            raise BrokerError(f"vhost {vhost!r} has queues already, and this broker sets a default queue type "
+                              "only on a new vhost")
+        self._call("DELETE", "vhosts", vhost, ok=(200, 204, 404))
+        self._call("PUT", "vhosts", vhost, json=body)
+        self._call("PUT", "permissions", vhost, self.user, json={"configure": ".*", "write": ".*", "read": ".*"})
+        if self.default_queue_type(vhost) != queue_type:
+            raise BrokerError(f"the broker did not take default queue type {queue_type!r} for vhost {vhost!r} "
+                              "(RabbitMQ 3.10 or later is needed)")
+
+    def default_queue_type(self, vhost: str) -> str:
+        """The vhost's default queue type ('classic' when none is set: RabbitMQ says 'undefined')."""
+        record = self.vhost(vhost) or {}
+        value = record.get("default_queue_type") or (record.get("metadata") or {}).get("default_queue_type")
+        return value if value and value != "undefined" else "classic"
+
     def set_tracing(self, vhost: str, on: bool = True) -> None:
-        self._call("PUT", "vhosts", vhost, json={"tracing": on})
+        body: dict = {"tracing": on}
+        queue_type = self.default_queue_type(vhost)
+        if queue_type != "classic":  # a PUT may otherwise reset it
+            body.update(default_queue_type=queue_type, defaultqueuetype=queue_type)
+        self._call("PUT", "vhosts", vhost, json=body)
 
     def delete_vhost(self, vhost: str) -> None:
         """Delete the vhost and the stage users made for it (``stage_user``)."""
@@ -198,6 +231,18 @@ def stale_vhosts(records: list[dict], host: str,
     return sorted(stale)
 
 
+class BrokerNode(NamedTuple):
+    """One node of a cluster: where its clients connect, and its own management API."""
+
+    host: str
+    amqp_port: int
+    management_url: str
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.amqp_port)
+
+
 @dataclass
 class Broker:
     """A running broker as a test sees it."""
@@ -214,13 +259,25 @@ class Broker:
     #: stop the node, wait the given seconds, start it again with the same ports and data
     #: (the local provider only; None elsewhere): the restart_broker fault
     restart: Callable[[float], None] | None = field(default=None, repr=False)
-    #: the AMQP port of every node of a cluster (harness.cluster), the seed's first; [] for one node
-    node_ports: list[int] = field(default_factory=list)
+    #: every node of a cluster, the seed's first; [] for one node. A local cluster (harness.cluster)
+    #: or several --rabbitmq-url: stages are spread over them
+    nodes: list["BrokerNode"] = field(default_factory=list)
     #: the harness.cluster.LocalCluster these nodes belong to (node faults), else None
     cluster: object | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.management = ManagementClient(self.management_url, self.user, self.password)
+
+    def node_addresses(self) -> list[tuple[str, int]]:
+        """Where stages may connect: every node of a cluster, else this broker's own address."""
+        return [n.address for n in self.nodes] or [(self.host, self.amqp_port)]
+
+    def trace_on(self, vhost: str) -> None:
+        """Switch the firehose on for ``vhost`` on every node: RabbitMQ traces per node, and a node
+        that (re)starts has it off, so each node's own management API is asked."""
+        self.management.set_tracing(vhost, True)
+        for node in self.nodes[1:]:
+            ManagementClient(node.management_url, self.user, self.password).set_tracing(vhost, True)
 
     def amqp_url(self, vhost: str = "/") -> str:
         return f"amqp://{quote(self.user)}:{quote(self.password)}@{self.host}:{self.amqp_port}/{quote(vhost, safe='')}"

@@ -40,9 +40,11 @@ OPTIONS = [
      "answers, else a local rabbitmq-server), external, docker or local", "auto"),
     ("--rabbitmq-url", "rabbitmq_url",
      "external broker, amqp://USER:PASS@HOST:PORT/ (user with the administrator tag; the harness only "
-     "creates and deletes its own vhosts there)", ""),
+     "creates and deletes its own vhosts there); for a cluster, every node's URL, comma-separated: the "
+     "harness talks to the first, stages are spread over all", ""),
     ("--rabbitmq-management-url", "rabbitmq_management_url",
-     "management API of the external broker (default http://HOST:15672)", ""),
+     "management API of the external broker (default http://HOST:15672); for a cluster, the first node's "
+     "or every node's, comma-separated", ""),
     ("--rabbitmq-docker-image", "rabbitmq_docker_image",
      f"image for the docker provider (default {DEFAULT_DOCKER_IMAGE})", DEFAULT_DOCKER_IMAGE),
     ("--rabbitmq-server-dir", "rabbitmq_server_dir",

@@ -6,11 +6,12 @@ Each node is a ``LocalBroker`` of its own (own node name, ports, data and log di
 group), all sharing one epmd and one Erlang cookie so that they can find each other. The first
 node is the seed; every other one is stopped, reset, joined to it and started again, after which
 users, vhosts and permissions are the cluster's. The ``Broker`` the tests get is the seed's, with
-``node_ports`` listing every node's AMQP port: the stage launcher spreads stage instances over
+``nodes`` listing every node (address and management API): the stage launcher spreads stage instances over
 them, so stages connect to different nodes, while the observer, on the seed, sees the whole
 cluster (the event exchange and the firehose route across nodes).
 
-``kill_node(i)`` and ``restart_node(i, down)`` are what the node faults call.
+``kill_node(i)``/``start_node(i)`` (SIGKILL) and ``stop_app(i)``/``start_app(i)`` (a graceful
+restart, as in a rolling upgrade) are what the node faults call.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness.broker import Broker, BrokerError, LocalBroker, readiness_problem, wait_for_port
+from harness.broker import Broker, BrokerError, BrokerNode, LocalBroker, readiness_problem, wait_for_port
 
 JOIN_TIMEOUT = 120.0  # seconds for stop_app, reset, join_cluster and start_app on a loaded 2-core machine
 
@@ -55,7 +56,8 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
-        self.broker.node_ports = [n.broker.amqp_port for n in self.nodes]
+        self.broker.nodes = [BrokerNode(n.broker.host, n.broker.amqp_port, n.broker.management_url)
+                             for n in self.nodes]
         self.broker.cluster = self
         self.broker.provider = f"local cluster of {self.count}"
         self.timings["start"] = time.monotonic() - began
@@ -74,13 +76,16 @@ class LocalCluster:
         # The node's own default user is gone with the reset: it is ready when the seed's answers there.
         node.broker = Broker(node.broker.host, node.broker.amqp_port, node.broker.management_url, self.broker.user,
                              self.broker.password, "local", process_groups=node.broker.process_groups)
+        self._wait_answers(node, f"after joining {seed.node}")
+
+    def _wait_answers(self, node: LocalBroker, when: str = "after start_app") -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if wait_for_port(node.broker.host, node.broker.amqp_port, min(deadline, time.monotonic() + 0.5)) \
                     and readiness_problem(node.broker) is None:
                 return
             time.sleep(0.2)
-        raise BrokerError(f"{node.node} did not answer after joining {seed.node}; log tail:\n{node.log_tail()}")
+        raise BrokerError(f"{node.node} did not answer {when}; log tail:\n{node.log_tail()}")
 
     def ctl(self, node: LocalBroker, *args: str) -> str:
         """``rabbitmqctl -n NODE ARGS`` with the node's environment (cookie, epmd); raises with its output."""
@@ -95,8 +100,8 @@ class LocalCluster:
         """The running nodes, as the seed's management API reports them."""
         return sorted(n["name"] for n in self.broker.management.nodes() if n.get("running"))
 
-    def node_index(self, amqp_port: int) -> int:
-        return self.broker.node_ports.index(amqp_port)
+    def node_index(self, address: tuple[str, int]) -> int:
+        return [n.address for n in self.broker.nodes].index(address)
 
     def kill_node(self, index: int) -> None:
         """SIGKILL node ``index`` (0 = the seed) and leave it down."""
@@ -109,6 +114,17 @@ class LocalCluster:
     def restart_node(self, index: int, down: float = 1.0) -> None:
         """Kill node ``index``, wait ``down`` seconds, start it again on its ports and data; it rejoins."""
         self.nodes[index].restart(down)
+
+    def stop_app(self, index: int) -> None:
+        """``rabbitmqctl stop_app`` on node ``index``: RabbitMQ stops (closing its clients' connections),
+        the Erlang node stays up and in the cluster."""
+        self.ctl(self.nodes[index], "stop_app")
+
+    def start_app(self, index: int) -> None:
+        """``rabbitmqctl start_app`` after ``stop_app``; returns when the node answers AMQP again."""
+        node = self.nodes[index]
+        self.ctl(node, "start_app")
+        self._wait_answers(node)
 
     def stop(self) -> None:
         for node in reversed(self.nodes):

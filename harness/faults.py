@@ -51,6 +51,9 @@ HARNESS_FAULTS: dict[str, HarnessFault] = {f.kind: f for f in [
     HarnessFault("kill_node", "stage", "SIGKILL the cluster node the stage (instance) connects to; with `seconds`, "
                  "start it again after that long (it rejoins); never the first node, which the observer uses",
                  {"seconds": "seconds"}),
+    HarnessFault("restart_node", "stage", "stop RabbitMQ on the cluster node the stage (instance) connects to "
+                 "(rabbitmqctl stop_app: its clients are told the node shuts down) and start it after `seconds` "
+                 "(default 3), as a rolling restart does; never the first node", {"seconds": "seconds"}),
     HarnessFault("pause_stage", "stage", "SIGSTOP the stage for `seconds`, then SIGCONT", {"seconds": "seconds"}),
     HarnessFault("poison", "queue", "publish `count` messages no stage can parse, of `shape`",
                  {"shape": POISON_SHAPES, "count": "count"}),

@@ -87,10 +87,18 @@ class FloodStats:
     returned: int = 0
     seconds: float = 0.0
     per_queue: dict[str, int] = field(default_factory=dict)
+    # Positions (0-based, in the call's order) the broker nacked, and those sent but never settled
+    # (the connection went first): with what was never sent, what a caller that resumes sends again.
+    nacked_at: list[int] = field(default_factory=list)
+    unsettled_at: list[int] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
         return self.confirmed / self.seconds if self.seconds > 0 else 0.0
+
+    def unconfirmed(self, total: int) -> list[int]:
+        """Positions of a call of ``total`` messages that the broker did not confirm."""
+        return sorted(set(self.nacked_at) | set(self.unsettled_at) | set(range(self.sent, total)))
 
 
 def poison_body(shape: str) -> tuple[bytes, pika.BasicProperties]:
@@ -116,6 +124,7 @@ class _Link:
         self.busy = False
         self.pending: collections.deque[int] = collections.deque()
         self.single: dict[int, bool] = {}
+        self.position: dict[int, int] = {}  # delivery tag -> position in the current call, until settled
         self.tag = 0
         self.stats = FloodStats()
         self.on_settled: Callable[[], None] | None = None
@@ -188,6 +197,7 @@ class _Link:
         self.tag = 0
         self.pending.clear()
         self.single.clear()
+        self.position.clear()
         self.run_until(lambda: ready["open"], timeout=self.flood.connect_timeout)
 
     def stop_loop(self) -> None:
@@ -222,19 +232,23 @@ class _Link:
         if method.multiple:
             while self.pending and self.pending[0] <= tag:
                 t = self.pending.popleft()
-                self.settle(self.single.pop(t, ok))
+                self.settle(t, self.single.pop(t, ok))
         else:
             self.single[tag] = ok
         while self.pending and self.pending[0] in self.single:
-            self.settle(self.single.pop(self.pending.popleft()))
+            t = self.pending.popleft()
+            self.settle(t, self.single.pop(t))
         if self.on_settled is not None:
             self.on_settled()
 
-    def settle(self, ok: bool) -> None:
+    def settle(self, tag: int, ok: bool) -> None:
+        position = self.position.pop(tag, None)
         if ok:
             self.stats.confirmed += 1
         else:
             self.stats.nacked += 1
+            if position is not None:
+                self.stats.nacked_at.append(position)
 
 
 class Flood:
@@ -371,6 +385,8 @@ class Flood:
             if state["timer"] is not None and link.conn is not None:
                 link.conn.ioloop.remove_timeout(state["timer"])
             stats.seconds = time.monotonic() - t0
+            stats.unsettled_at = sorted(link.position.values())
+            link.position.clear()
             if link.cancelled or link.error:
                 # Confirms for messages in flight are lost with the connection: start afresh next time.
                 link.close()
@@ -393,7 +409,9 @@ class Flood:
             self.history.record("phase", name="flood_done", queue=label, sent=stats.sent,
                                 confirmed=stats.confirmed, returned=stats.returned, seconds=round(stats.seconds, 3))
         if stats.nacked:
-            raise FloodError(f"the broker refused (nacked) {stats.nacked} of {stats.sent} messages to {label}")
+            refused = FloodError(f"the broker refused (nacked) {stats.nacked} of {stats.sent} messages to {label}")
+            refused.flood_stats = stats  # which ones, for a caller that sends them again
+            raise refused
         if stats.returned and not allow_unroutable:
             raise FloodError(f"{stats.returned} of {stats.sent} messages to {label} were unroutable "
                              f"(no such queue; declare it first or pass allow_unroutable=True)")
@@ -445,6 +463,7 @@ class Flood:
                     return
                 link.tag += 1
                 link.pending.append(link.tag)
+                link.position[link.tag] = stats.sent
                 stats.sent += 1
                 per_queue[queue] = per_queue.get(queue, 0) + 1
             report()

@@ -31,6 +31,8 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
         "check_period": "the check period the run was judged with (s)",
         "tolerance": "the window tolerance (s); W = check_period + tolerance",
         "grace": "the start-up grace G (s)",
+        "default_queue_type": "the vhost's default queue type (the scenario's broker.default_queue_type): the type "
+                              "of every queue declared without x-queue-type; absent in histories before it",
         "window_sources": "where each of check_period, tolerance and grace came from: 'command line --check-period' "
                           "(and the like), an ini file's engine profile, the scenario's checks, or 'SPEC default'",
         "sample_interval": "seconds between two of the observer's samples",
@@ -142,7 +144,8 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
              "seconds": "(started) how long it is held",
              "published": "(ended) messages published by the hold", "top_ups": "(ended) publishes it took",
              "shortfalls": "(ended) samples that found the queue below depth (the engine outran a top-up)",
-             "final_target": "(ended) the level the hold aimed at last", "stopped_early": "(ended) why it "
+             "final_target": "(ended) the level the hold aimed at last",
+             "rate": "(ended) the fastest consumption of the queue it measured (messages/s)", "stopped_early": "(ended) why it "
              "ended before its time, or null"},
     "calibration": {"stage": "the stage measured before a drain (one instance, on a vhost of its own)",
                     "queue": "the queue it consumed", "rate": "messages per second, one instance",

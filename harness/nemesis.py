@@ -88,8 +88,9 @@ class Nemesis:
         thread.start()
 
     def broker_down_on_purpose(self, grace: float) -> bool:
-        """A restart_broker fault is under way, or ended less than ``grace`` seconds ago (the time
-        connections get to come back). Outside that window a broker that is gone is gone."""
+        """A restart_broker fault, or a node fault, is under way, or ended less than ``grace`` seconds
+        ago (the time connections get to come back, and a quorum queue to elect a new leader). Outside
+        that window a broker that is gone, or refuses messages, is a failure."""
         back_at = self._broker_back_at
         return self._broker_restarting or (back_at is not None and time.monotonic() - back_at < grace)
 
@@ -155,27 +156,52 @@ class Nemesis:
             self.launcher.restart(fault.target)
 
     def _kill_node(self, fault: Fault) -> None:
+        cluster, index, instance = self._node_of(fault)
+        self.observer.note_node_down(cluster.broker.nodes[index].amqp_port)
+        self._broker_restarting = "seconds" in fault.params
+        cluster.kill_node(index)
+        self._broker_back_at = time.monotonic()  # a node that stays down: the survivors take over now
+        self.history.record("phase", name="node_killed", node=cluster.nodes[index].node, stage=instance)
+        if "seconds" in fault.params:
+            self._in_background(lambda: self._node_back(cluster, index, float(fault.params["seconds"])), "kill_node")
+
+    def _restart_node(self, fault: Fault) -> None:
+        """A rolling restart's step: the node's RabbitMQ application is stopped (it closes its clients'
+        connections as shutdown) and started again after ``seconds``."""
+        cluster, index, instance = self._node_of(fault)
+        self.observer.note_node_down(cluster.broker.nodes[index].amqp_port)
+        self._broker_restarting = True
+        cluster.stop_app(index)
+        self.history.record("phase", name="node_stopped", node=cluster.nodes[index].node, stage=instance)
+        down = float(fault.params.get("seconds", 3))
+        self._in_background(lambda: self._node_back(cluster, index, down, app_only=True), "restart_node")
+
+    def _node_back(self, cluster, index: int, down: float, app_only: bool = False) -> None:
+        time.sleep(down)
+        try:
+            if app_only:
+                cluster.start_app(index)
+            else:
+                cluster.start_node(index)
+            self.broker.trace_on(self.vhost)  # a node starts with its firehose off
+            self.history.record("phase", name="node_restarted", node=cluster.nodes[index].node, down=down)
+        finally:
+            self._broker_back_at = time.monotonic()
+            self._broker_restarting = False
+
+    def _node_of(self, fault: Fault) -> tuple:
+        """The local cluster, the index of the node the fault's stage instance is connected to, the instance."""
         cluster = getattr(self.broker, "cluster", None)
         if cluster is None:
-            raise NemesisError("kill_node needs a local cluster (--rabbitmq-provider local --rabbitmq-nodes N)")
+            raise NemesisError(f"{fault.kind} needs a local cluster (--rabbitmq-provider local --rabbitmq-nodes N)")
         [instance] = self.launcher.instances(fault.target)[:1] or [None]
         if instance is None:
-            raise NemesisError(f"kill_node: no running instance of {fault.target!r}")
-        index = cluster.node_index(self.launcher.node_port(instance.name))
+            raise NemesisError(f"{fault.kind}: no running instance of {fault.target!r}")
+        index = cluster.node_index(self.launcher.node_address(instance.name))
         if index == 0:
-            raise NemesisError(f"kill_node: {instance.name} is connected to the first node, which the observer "
+            raise NemesisError(f"{fault.kind}: {instance.name} is connected to the first node, which the observer "
                                "watches the cluster from; target a stage on another node")
-        self.observer.note_node_down(cluster.broker.node_ports[index])
-        cluster.kill_node(index)
-        self.history.record("phase", name="node_killed", node=cluster.nodes[index].node, stage=instance.name)
-        if "seconds" in fault.params:
-            down = float(fault.params["seconds"])
-
-            def restart() -> None:
-                time.sleep(down)
-                cluster.start_node(index)
-                self.history.record("phase", name="node_restarted", node=cluster.nodes[index].node, down=down)
-            self._in_background(restart, "kill_node")
+        return cluster, index, instance.name
 
     def _pause_stage(self, fault: Fault) -> None:
         seconds = float(fault.params.get("seconds", 3))
@@ -249,7 +275,7 @@ class Nemesis:
                 self.observer.note_broker_down()
                 self.broker.restart(down)
                 # Tracing is per node run: switch the firehose on again for the test's vhost.
-                self.broker.management.set_tracing(self.vhost, True)
+                self.broker.trace_on(self.vhost)
                 self.history.record("phase", name="broker_restarted", down=down)
             finally:
                 self._broker_back_at = time.monotonic()

@@ -183,10 +183,11 @@ class _EventWorker(_Worker):
     def setup(self) -> None:
         channel = self.connection.channel()
         # Durable, so that it outlives a broker restart with its bindings and holds the events of
-        # stages that reconnect before we do; it expires a minute after its last consumer.
+        # stages that reconnect before we do; it expires a minute after its last consumer. Classic
+        # whatever the vhost's default queue type (a scenario's broker.default_queue_type).
         queue = f"{self.observer.connection_name}-events"
         try:
-            channel.queue_declare(queue, durable=True, arguments={"x-expires": 60_000})
+            channel.queue_declare(queue, durable=True, arguments={"x-expires": 60_000, "x-queue-type": "classic"})
             for key in EVENT_KEYS:
                 channel.queue_bind(queue, EVENT_EXCHANGE, key)
         except pika.exceptions.ChannelClosedByBroker as exc:
@@ -221,15 +222,17 @@ class _EventWorker(_Worker):
 class _FirehoseWorker(_Worker):
     def setup(self) -> None:
         obs = self.observer
-        if self.reconnects:
-            # Tracing is off again after a broker restart (ENGINE_CONTRACT.md section 5).
+        if self.reconnects or obs.broker.nodes:
+            # Tracing is off again after a broker restart (ENGINE_CONTRACT.md section 5), and on a
+            # cluster it is per node: the vhost's creation switched it on for the first node only.
             try:
-                obs.broker.management.set_tracing(self.vhost, True)
+                obs.broker.trace_on(self.vhost)
             except Exception as exc:
-                self.put("error", f"could not switch tracing on again: {exc!r}")
+                self.put("error", f"could not switch tracing on: {exc!r}")
         trace = self.connection.channel()
         # Not exclusive, so the sampler can read its backlog; auto-delete, and expiring, so it never outlives us.
-        trace.queue_declare(obs.trace_queue, auto_delete=True, arguments={"x-expires": 60_000})
+        trace.queue_declare(obs.trace_queue, auto_delete=True,
+                            arguments={"x-expires": 60_000, "x-queue-type": "classic"})
         trace.queue_bind(obs.trace_queue, TRACE_EXCHANGE, "publish.#")
         # Deliveries are traced per queue, leaving out the output queues the observer reads
         # itself: their deliveries would double the firehose for nothing (and it is the

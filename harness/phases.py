@@ -25,7 +25,7 @@ from harness.workload import Workload
 class PhaseDriver:
     """Launches the scenario's phases and publishes them; ``errors`` ends the run (the runner reads it).
 
-    ``down_on_purpose(grace)``: a restart_broker fault has the broker down, or had it less than
+    ``down_on_purpose(grace)``: a restart_broker or node fault has the broker down, or had it less than
     ``grace`` seconds ago (Nemesis.broker_down_on_purpose)."""
 
     def __init__(self, scenario: Scenario, workload: Workload, flood: Flood, history: HistoryWriter, window: float,
@@ -141,10 +141,10 @@ class PhaseDriver:
                                         **hold.summary())
 
     def _publish(self, messages: list[tuple[str, Any]], rate: float | None) -> None:
-        """Publish in order. A connection lost to a restart_broker fault is the harness's own doing:
-        like the admin, wait for the broker and send again what it had not confirmed (recorded, so
-        that DL-EXACTLY-ONCE can tell these scans' duplicates from the engine's). Any other failure
-        ends the run."""
+        """Publish in order. A connection lost, or messages refused, while a restart_broker or node
+        fault is under way is the harness's own doing: like the admin, wait for the broker and send
+        again what it had not confirmed (recorded, so that DL-EXACTLY-ONCE can tell these scans'
+        duplicates from the engine's). Any other failure ends the run."""
         remaining = list(messages)
         while True:
             try:
@@ -156,11 +156,11 @@ class PhaseDriver:
                 if stats is None or not self._wait_out_planned_restart():
                     self.errors.append(exc)
                     return
-                # Confirms come in order for these queues; what was sent after the last one may or may
-                # not have reached the broker, so it is sent again.
-                remaining = remaining[stats.confirmed:]
+                # What was nacked, or sent and never settled, may or may not have reached a queue: sent again.
+                remaining = [remaining[i] for i in stats.unconfirmed(len(remaining))]
                 self.history.record("phase", name="publish_resumed", error=f"{type(exc).__name__}: {exc}",
                                     resent=len(remaining), scans=_scans_of(remaining))
+                time.sleep(RESEND_PAUSE)
 
     def _wait_out_planned_restart(self) -> bool:
         """True once the broker is back after a restart_broker fault that was under way; False at
@@ -171,6 +171,10 @@ class PhaseDriver:
         while self.down_on_purpose(0) and time.monotonic() < deadline:
             time.sleep(0.1)
         return time.monotonic() < deadline
+
+
+# Between two attempts to publish while the broker or a node recovers (a quorum queue elects a leader).
+RESEND_PAUSE = 0.5
 
 
 def _scans_of(messages: list[tuple[str, Any]]) -> list[str]:

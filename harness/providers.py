@@ -8,16 +8,17 @@ how to get each); ``open_provider`` returns a started ``Provision`` whose
 """
 from __future__ import annotations
 
+import re
 import secrets
 import socket
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from harness.broker import (PLUGINS, Broker, BrokerError, LocalBroker, find_rabbitmq_bin, readiness_problem,
-                            stale_vhosts)
+from harness.broker import (PLUGINS, Broker, BrokerError, BrokerNode, LocalBroker, find_rabbitmq_bin,
+                            readiness_problem, stale_vhosts)
 
 PROVIDERS = ("auto", "external", "docker", "local")
 DEFAULT_DOCKER_IMAGE = "rabbitmq:3.10-management"
@@ -178,6 +179,37 @@ def parse_amqp_url(url: str, management_url: str | None = None) -> Broker:
                   unquote(parts.username), unquote(parts.password), "external")
 
 
+def parse_amqp_urls(urls: str, management_urls: str | None = None) -> Broker:
+    """One URL, or the nodes of a cluster separated by commas: the first is the node the harness
+    (vhosts, observer, admin) talks to, and stages are spread over all of them (``Broker.nodes``).
+    ``management_urls``: the first node's management API, or every node's, comma-separated
+    (default http://HOST:15672; the firehose is switched on node by node)."""
+    listed = _split(urls)
+    if not listed:
+        raise BrokerError("--rabbitmq-url is empty; give amqp://USER:PASS@HOST:PORT/ (several, comma-separated, "
+                          "for the nodes of a cluster)")
+    managements = _split(management_urls or "")
+    if len(managements) > 1 and len(managements) != len(listed):
+        raise BrokerError(f"--rabbitmq-management-url names {len(managements)} management APIs for {len(listed)} "
+                          "--rabbitmq-url nodes; give one (the first node's) or one per node")
+    brokers = [parse_amqp_url(url, managements[i] if i < len(managements) else None) for i, url in enumerate(listed)]
+    seed = brokers[0]
+    others = {(b.user, b.password) for b in brokers[1:]} - {(seed.user, seed.password)}
+    if others:
+        raise BrokerError("--rabbitmq-url: the nodes of one cluster share their users; give the same "
+                          "USER:PASS in every URL")
+    addresses = [(b.host, b.amqp_port) for b in brokers]
+    if len(set(addresses)) < len(addresses):
+        raise BrokerError(f"--rabbitmq-url names a node twice: {', '.join(f'{h}:{p}' for h, p in addresses)}")
+    if len(brokers) > 1:
+        seed.nodes = [BrokerNode(b.host, b.amqp_port, b.management_url) for b in brokers]
+    return seed
+
+
+def _split(text: str) -> list[str]:
+    return [part for part in re.split(r"[,\s]+", text) if part]
+
+
 class ExternalProvision(Provision):
     """A broker someone else runs: we only create (and delete) our own vhosts there."""
 
@@ -187,11 +219,19 @@ class ExternalProvision(Provision):
         self.settings = settings
 
     def start(self, workdir: Path) -> None:
-        self.broker = parse_amqp_url(self.settings.url, self.settings.management_url)
+        self.broker = parse_amqp_urls(self.settings.url, self.settings.management_url)
         problem = readiness_problem(self.broker)
         if problem is not None:
             raise BrokerError(f"external broker {self.broker.host}:{self.broker.amqp_port} "
                               f"(management {self.broker.management_url}) is not usable: {problem}")
+        for node in self.broker.nodes[1:]:
+            problem = readiness_problem(replace(self.broker, host=node.host, amqp_port=node.amqp_port,
+                                                management_url=node.management_url, nodes=[]))
+            if problem is not None:
+                raise BrokerError(f"external cluster node {node.host}:{node.amqp_port} (from --rabbitmq-url; "
+                                  f"management {node.management_url}) is not usable: {problem}")
+        if self.broker.nodes:
+            self.broker.provider = f"external cluster of {len(self.broker.nodes)}"
         tags = self.broker.management.whoami().get("tags", "")
         if "administrator" not in (tags if isinstance(tags, list) else str(tags).split(",")):
             raise BrokerError(f"external broker user {self.broker.user!r} cannot create vhosts: "

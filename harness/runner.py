@@ -116,6 +116,7 @@ class ScenarioRun:
         self.happenings = Happenings()  # named phases and faults that have happened (when: {after: ...})
         self.backlog_objects: dict[int, int] = {}  # phase index -> objects (or specs) of a lasting backlog
         self._observer: Observer | None = None
+        self._admin: ps_admin.Admin | None = None
         self.problems: list[str] = []
         self.flood: Flood | None = None
         self.phases: PhaseDriver | None = None
@@ -125,7 +126,8 @@ class ScenarioRun:
     def run(self) -> str:
         scenario = self.scenario
         observer = Observer(self.broker, self.vhost, self.history, scenario.queues)
-        self.history.record("run_started", version=HISTORY_VERSION, scenario=scenario.name,
+        queue_type = scenario.broker.default_queue_type
+        self.history.record("run_started", version=HISTORY_VERSION, scenario=scenario.name, default_queue_type=queue_type,
                             vhost=self.vhost, seed=scenario.seed, check_period=self.windows.check_period,
                             tolerance=self.windows.tolerance, grace=self.windows.grace,
                             window_sources=dict(self.windows.sources), **observer.sampling_parameters())
@@ -140,12 +142,15 @@ class ScenarioRun:
         self.nemesis = nemesis
         reason = "error"
         try:
+            if queue_type != "classic":  # before anyone declares a queue
+                self.broker.management.set_default_queue_type(self.vhost, queue_type)
             observer.start()
             if admin is not None:  # before the stages, so that their first hellos are answered
                 admin.start()
             self.workload = Workload(scenario, self.data_dir)
             self._size_backlogs()
             self._observer = observer
+            self._admin = admin
             self.flood = Flood(self.broker.connection_parameters(self.vhost),
                                progress=lambda p: self.say(progress_line(p)))
             self.phases = PhaseDriver(scenario, self.workload, self.flood, self.history, self.windows.W,
@@ -268,11 +273,20 @@ class ScenarioRun:
             raise RunEnded("error", f"a fault of the scenario could not be applied: {exc}") from None
 
     # -- what triggers look at (schedule.BrokerState) ------------------------
+    @property
+    def window(self) -> float:
+        return self.windows.W
+
     def ready(self, queue: str) -> int | None:
         return self._observer.ready(queue)
 
     def consuming(self, stage: str, queue: str) -> bool:
         return any(stage_matches(stage, instance) and queue in queues
+                   for instance, queues in self._observer.consuming_stages().items())
+
+    def consuming_tag(self, stage: str, tag: str) -> bool:
+        tagged = self._admin.live_queues(tag) if self._admin is not None else set()
+        return any(stage_matches(stage, instance) and tagged & set(queues)
                    for instance, queues in self._observer.consuming_stages().items())
 
     def happened(self, name: str) -> bool:

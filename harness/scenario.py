@@ -173,43 +173,6 @@ class Stage(Strict):
         return [DEFAULT_EXPLORER_QUEUE if self.kind == "explorer" else DEFAULT_CONVERSION_QUEUE]
 
 
-class Trigger(Strict):
-    """A state of the run, observed at the broker; every condition given must hold at once.
-
-    - ``queue`` + ``ready_at_least``: that queue holds at least so many ready messages;
-    - ``stage`` + ``consuming``: the stage (any replica, or one instance such as ``worker#2``)
-      holds a consumer on that queue;
-    - ``after``: the phase or fault of that name has happened (a phase has published everything,
-      or its hold has ended; a fault has been applied).
-    """
-
-    queue: QueueName | None = None
-    ready_at_least: Annotated[int, Field(ge=1)] | None = None
-    stage: Annotated[str, Field(min_length=1, max_length=80)] | None = None
-    consuming: QueueName | None = None
-    after: Label | None = None
-
-    @model_validator(mode="after")
-    def pairs(self) -> "Trigger":
-        problems = []
-        if (self.queue is None) != (self.ready_at_least is None):
-            problems.append("@ready_at_least: 'queue' and 'ready_at_least' go together" if self.queue is not None
-                            else "@queue: 'ready_at_least' needs the 'queue' it counts")
-        if (self.stage is None) != (self.consuming is None):
-            problems.append("@consuming: 'stage' needs the queue it is 'consuming'" if self.stage is not None
-                            else "@stage: 'consuming' needs the 'stage' that consumes")
-        if self.queue is None and self.stage is None and self.after is None:
-            problems.append("@queue: a trigger needs a condition: queue + ready_at_least, stage + consuming, "
-                            "or after")
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
-
-    @property
-    def queues(self) -> list[str]:
-        return [q for q in (self.queue, self.consuming) if q is not None]
-
-
 class Duration(Strict):
     """How long, in seconds or in windows W (the check period plus tolerance of the run)."""
 
@@ -228,6 +191,53 @@ class Duration(Strict):
 
     def describe(self) -> str:
         return f"{self.seconds:g} s" if self.seconds is not None else f"{self.windows:g} W"
+
+
+class Trigger(Strict):
+    """A state of the run, observed at the broker; every condition given must hold at once.
+
+    - ``queue`` + ``ready_at_least``: that queue holds at least so many ready messages;
+    - ``stage`` + ``consuming``: the stage (any replica, or one instance such as ``worker#2``)
+      holds a consumer on that queue;
+    - ``stage`` + ``consuming_tag`` (OS2datascanner 3.32): the stage holds a consumer on a live
+      per-scan queue of this scenario announced with that tag (``full``, ``delta``, a forced tag);
+    - ``after``: the phase or fault of that name has happened (a phase has published everything,
+      or its hold has ended; a fault has been applied);
+    - ``for``: the other conditions have held without a break for so long (``{windows: 1}``:
+      through at least one of the engine's checks).
+    """
+
+    queue: QueueName | None = None
+    ready_at_least: Annotated[int, Field(ge=1)] | None = None
+    stage: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+    consuming: QueueName | None = None
+    consuming_tag: Tag | None = None
+    after: Label | None = None
+    held_for: Duration | None = Field(None, alias="for")
+
+    @model_validator(mode="after")
+    def pairs(self) -> "Trigger":
+        problems = []
+        if (self.queue is None) != (self.ready_at_least is None):
+            problems.append("@ready_at_least: 'queue' and 'ready_at_least' go together" if self.queue is not None
+                            else "@queue: 'ready_at_least' needs the 'queue' it counts")
+        consumed = [key for key in ("consuming", "consuming_tag") if getattr(self, key) is not None]
+        if self.stage is not None and len(consumed) != 1:
+            problems.append("@consuming: 'stage' needs the queue it is 'consuming' (or the 'consuming_tag' of a "
+                            "per-scan queue), one of the two" if not consumed
+                            else "@consuming_tag: give 'consuming' or 'consuming_tag', not both")
+        if self.stage is None and consumed:
+            problems.append(f"@stage: '{consumed[0]}' needs the 'stage' that consumes")
+        if self.queue is None and self.stage is None and self.after is None and not consumed:
+            problems.append("@queue: a trigger needs a condition: queue + ready_at_least, stage + consuming "
+                            "(or consuming_tag), or after")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def queues(self) -> list[str]:
+        return [q for q in (self.queue, self.consuming) if q is not None]
 
 
 class Hold(Duration):
@@ -365,6 +375,14 @@ class Admin(Strict):
     rebroadcast_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0  # R: live queues announced again
 
 
+class BrokerSettings(Strict):
+    """How the deployment's broker is set up for this scenario's vhost."""
+
+    # Queues declared without x-queue-type (as OS2datascanner's engine and admin declare theirs) get
+    # this type: the vhost's default queue type. quorum: replicated, so on a cluster they outlive a node.
+    default_queue_type: Literal["classic", "quorum"] = "classic"
+
+
 class Scenario(Strict):
     name: Name | None = None
     description: str = ""
@@ -376,6 +394,7 @@ class Scenario(Strict):
     workload: list[Phase] = []
     faults: list[Fault] = []
     admin: Admin = Admin()
+    broker: BrokerSettings = BrokerSettings()
     checks: Checks = Checks()
 
     @model_validator(mode="after")
@@ -394,13 +413,15 @@ class Scenario(Strict):
             seen_names.add(name)
         queues = set(self.queues) | set(OUTPUT_QUEUES)
         instances = {s.name: s.replicas for s in self.stages}
+        tags = {tag for phase in self.workload if phase.client in clients
+                for tag in [self.per_scan_tag(phase)] if tag is not None}
         for index, phase in enumerate(self.workload):
             where = f"workload.{index}"
             if phase.client not in clients:
                 problems.append(f"@{where}.client: unknown client {phase.client!r}{_known(phase.client, clients)}")
             else:
                 problems += self._sizing_problems(where, phase)
-            problems += _trigger_problems(f"{where}.when", phase.when, queues, instances, seen_names, phase.name)
+            problems += _trigger_problems(f"{where}.when", phase.when, queues, instances, seen_names, phase.name, tags)
             if phase.at >= self.time_limit:
                 problems.append(f"@{where}.at: {phase.at:g} s is not before the time limit ({self.time_limit:g} s)")
             if phase.via == "explorer" and not any(s.kind == "explorer" for s in self.stages):
@@ -418,7 +439,7 @@ class Scenario(Strict):
             if wants == "queue" and fault.target is not None and fault.target not in queues:
                 problems.append(f"@{where}.target: {fault.target!r} is not a queue of this scenario"
                                 f"{_known(fault.target, sorted(queues))}")
-            problems += _trigger_problems(f"{where}.when", fault.when, queues, instances, seen_names, fault.name)
+            problems += _trigger_problems(f"{where}.when", fault.when, queues, instances, seen_names, fault.name, tags)
             if fault.at >= self.time_limit:
                 problems.append(f"@{where}.at: {fault.at:g} s is not before the time limit ({self.time_limit:g} s)")
         for field_name in ("clauses", "expect_fail"):
@@ -500,7 +521,7 @@ class Scenario(Strict):
 
 
 def _trigger_problems(where: str, trigger: Trigger | None, queues: set[str], instances: dict[str, int],
-                      names: set[str], own_name: str | None) -> list[str]:
+                      names: set[str], own_name: str | None, tags: set[str]) -> list[str]:
     if trigger is None:
         return []
     problems = [f"@{where}.{key}: {queue!r} is not a queue of this scenario, so the trigger would never fire"
@@ -509,6 +530,9 @@ def _trigger_problems(where: str, trigger: Trigger | None, queues: set[str], ins
                 if queue is not None and queue not in queues]
     if trigger.stage is not None and not _is_stage(trigger.stage, instances):
         problems.append(f"@{where}.stage: unknown stage {trigger.stage!r}{_known(trigger.stage, list(instances))}")
+    if trigger.consuming_tag is not None and trigger.consuming_tag not in tags:
+        problems.append(f"@{where}.consuming_tag: no phase of this scenario is routed per scan with tag "
+                        f"{trigger.consuming_tag!r}, so the trigger would never fire{_known(trigger.consuming_tag, sorted(tags))}")
     if trigger.after is not None:
         if trigger.after == own_name:
             problems.append(f"@{where}.after: {trigger.after!r} would wait for itself")

@@ -3,9 +3,9 @@
 One schedule (``Schedule``) holds the scenario's phases and faults, and one
 rule (``is_due``) decides for both: an item is due once ``at`` seconds have
 passed since the stages consumed AND its ``when`` trigger holds (every
-condition of it, on the broker state the observer sees). ``at`` is not a
-delay after the trigger: with both given, the item waits for the later of the
-two. A scenario therefore describes situations ("while the worker consumes
+condition of it, on the broker state the observer sees, and with ``for``
+given, without a break for that long). ``at`` is not a delay after the
+trigger: with both given, the item waits for the later of the two. A scenario therefore describes situations ("while the worker consumes
 the bottom queue"), not timings tuned for one engine's pace.
 
 ``HoldController`` is the closed loop behind ``hold:``: from the ready counts
@@ -25,6 +25,12 @@ from harness.scenario import Fault, Hold, Phase, Trigger
 MAX_TARGET = 5000
 # ... nor more than this many messages in all: past it the hold ends early (and says so in the history).
 MAX_TOTAL = 100_000
+# A hold keeps this many seconds of the engine's measured consumption queued above its depth: the time
+# one turn of the loop may take on a loaded machine (a sample, a publish with confirms, a fresh sample).
+REFILL_SECONDS = 1.0
+# The consumption rate is measured over at least this long, so that the jitter of when the runner sees
+# a sample (a few hundredths of a second) does not inflate it.
+RATE_SPAN = 0.3
 
 
 class BrokerState(Protocol):
@@ -34,7 +40,12 @@ class BrokerState(Protocol):
 
     def consuming(self, stage: str, queue: str) -> bool: ...
 
+    def consuming_tag(self, stage: str, tag: str) -> bool: ...
+
     def happened(self, name: str) -> bool: ...
+
+    #: the run's W, for ``for: {windows: N}``
+    window: float
 
 
 def trigger_holds(trigger: Trigger | None, state: BrokerState) -> bool:
@@ -44,13 +55,18 @@ def trigger_holds(trigger: Trigger | None, state: BrokerState) -> bool:
         ready = state.ready(trigger.queue)
         if ready is None or ready < trigger.ready_at_least:
             return False
-    if trigger.stage is not None and not state.consuming(trigger.stage, trigger.consuming):
+    if trigger.consuming is not None and not state.consuming(trigger.stage, trigger.consuming):
+        return False
+    if trigger.consuming_tag is not None and not state.consuming_tag(trigger.stage, trigger.consuming_tag):
         return False
     return trigger.after is None or state.happened(trigger.after)
 
 
-def is_due(at: float, when: Trigger | None, elapsed: float, state: BrokerState) -> bool:
-    """The one rule for phases and faults: the time has come AND the trigger holds."""
+def is_due(at: float, when: Trigger | None, elapsed: float, state: BrokerState, held: float | None = None) -> bool:
+    """The one rule for phases and faults: the time has come AND the trigger holds; with ``for``, it has
+    held for that long (``held``: seconds it has held without a break, None = it does not hold now)."""
+    if when is not None and when.held_for is not None:
+        return elapsed >= at and held is not None and held >= when.held_for.resolve(state.window)
     return elapsed >= at and trigger_holds(when, state)
 
 
@@ -72,6 +88,8 @@ class Schedule:
     """The phases and faults not yet due, in scenario order; ``due`` takes out those that are."""
 
     pending: list[Item]
+    #: item label -> the elapsed time since which its trigger has held without a break (for ``for``)
+    held_since: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, phases: list[Phase], faults: list[Fault]) -> "Schedule":
@@ -82,9 +100,17 @@ class Schedule:
         """The items due now (``is_due``), phases first, removed from the schedule."""
         now, later = [], []
         for item in self.pending:
-            (now if is_due(item.spec.at, item.spec.when, elapsed, state) else later).append(item)
+            (now if is_due(item.spec.at, item.spec.when, elapsed, state, self._held(item, elapsed, state))
+             else later).append(item)
         self.pending = later
         return now
+
+    def _held(self, item: Item, elapsed: float, state: BrokerState) -> float | None:
+        """How long the item's trigger has held without a break, or None when it does not hold now."""
+        if not trigger_holds(item.spec.when, state):
+            self.held_since.pop(item.label, None)
+            return None
+        return elapsed - self.held_since.setdefault(item.label, elapsed)
 
     def waiting(self, part: str) -> bool:
         """Some phase ('workload') or fault ('faults') is not due yet."""
@@ -105,8 +131,9 @@ class HoldController:
     Each turn the runner passes the latest sample (its ready count and the sampler's counter);
     ``top_up`` answers how many messages to publish now. One top-up is in flight at a time, and
     the next waits for a sample taken after it was confirmed, so a top-up is never counted twice.
-    When a sample shows the queue below ``depth`` the target doubles: the engine consumes faster
-    than the loop refills, and a deeper queue buys the loop time.
+    From each fresh sample it learns how fast the queue is consumed (what was there, plus what it
+    published since, minus what is left) and keeps ``REFILL_SECONDS`` of that rate queued above
+    ``depth``; when a sample still shows the queue below ``depth`` the target doubles as well.
     """
 
     queue: str
@@ -116,10 +143,12 @@ class HoldController:
     published: int = 0
     top_ups: int = 0
     shortfalls: int = 0  # fresh samples that found the queue below depth while holding
+    rate: float = 0.0  # the fastest consumption seen between two samples (messages/s)
     stopped_early: str | None = None
     _in_flight: bool = False
     _fresh_after: int = -1  # sample counter that a fresh sample must exceed
     _seen_sample: int = -1
+    _last: tuple[float, int, int] | None = None  # (when, ready, published) at the last sample used
 
     def __post_init__(self) -> None:
         self.target = self.target or min(MAX_TARGET, 2 * self.depth)
@@ -141,9 +170,11 @@ class HoldController:
         if ready is None and self.published:
             return 0  # the queue went (deleted, or its cluster node is down): no pouring work into nothing
         level = ready or 0
-        if sample_number != self._seen_sample and self.published and level < self.depth:
-            self.shortfalls += 1
-            self.target = min(MAX_TARGET, self.target * 2)
+        if sample_number != self._seen_sample:
+            self._learn_rate(now, level)
+            if self.published and level < self.depth:
+                self.shortfalls += 1
+                self.target = min(MAX_TARGET, self.target * 2)
         self._seen_sample = sample_number
         if level >= self.target - self.depth // 2 and self.published:
             return 0
@@ -155,6 +186,17 @@ class HoldController:
         self.top_ups += 1
         return count
 
+    def _learn_rate(self, now: float, level: int) -> None:
+        if self._last is not None:
+            when, before, published = self._last
+            if now - when < RATE_SPAN:
+                return
+            consumed = before + (self.published - published) - level
+            if consumed > 0:
+                self.rate = max(self.rate, consumed / (now - when))
+                self.target = min(MAX_TARGET, max(self.target, self.depth + math.ceil(self.rate * REFILL_SECONDS)))
+        self._last = (now, level, self.published)
+
     def confirmed(self, count: int, sample_number: int) -> None:
         """The top-up's publish finished; the next decision waits for a sample after this one."""
         self.published += count
@@ -163,7 +205,8 @@ class HoldController:
 
     def summary(self) -> dict:
         return {"queue": self.queue, "depth": self.depth, "published": self.published, "top_ups": self.top_ups,
-                "shortfalls": self.shortfalls, "final_target": self.target, "stopped_early": self.stopped_early}
+                "shortfalls": self.shortfalls, "final_target": self.target, "rate": round(self.rate, 1),
+                "stopped_early": self.stopped_early}
 
 
 @dataclass

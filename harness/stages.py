@@ -254,7 +254,7 @@ class StageLauncher:
         self.say = progress or (lambda text: None)
         self.processes: dict[str, StageProcess] = {}
         self._users: dict[str, tuple[str, str]] = {}  # instance -> its broker user and password
-        self._nodes: dict[str | None, int] = {}  # instance -> the AMQP port (cluster node) it connects to
+        self._nodes: dict[str | None, tuple[str, int]] = {}  # instance -> the node (host, port) it connects to
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ start
@@ -264,21 +264,22 @@ class StageLauncher:
     def config(self, instance: str | None = None) -> dict[str, Any]:
         """The engine's TOML config; with ``instance``, that instance's own broker user."""
         user, password = self.stage_user(instance) if instance else (self.broker.user, self.broker.password)
+        host, port = self.node_address(instance)
         return {"amqp": {
-            "AMQP_HOST": self.broker.host,
-            "AMQP_PORT": self.node_port(instance),
+            "AMQP_HOST": host,
+            "AMQP_PORT": port,
             "AMQP_USER": user,
             "AMQP_PWD": password,
             "AMQP_VHOST": self.vhost,
         }}
 
-    def node_port(self, instance: str | None) -> int:
-        """The AMQP port an instance connects to: on a cluster, the nodes in turn, one instance each."""
-        ports = getattr(self.broker, "node_ports", None) or [self.broker.amqp_port]
+    def node_address(self, instance: str | None) -> tuple[str, int]:
+        """The (host, AMQP port) an instance connects to: on a cluster, the nodes in turn, one instance each."""
+        nodes = self.broker.node_addresses()
         with self._lock:
             if instance not in self._nodes:
-                self._nodes[instance] = ports[len(self._nodes) % len(ports)]
-            return int(self._nodes[instance])
+                self._nodes[instance] = nodes[len(self._nodes) % len(nodes)]
+            return self._nodes[instance]
 
     def stage_user(self, instance: str) -> tuple[str, str]:
         """The instance's own broker user (made once; deleted with the vhost): the observer ties the

@@ -67,6 +67,19 @@ def test_unroutable_messages_are_an_error_unless_allowed(flood):
     assert flood.stats.returned == 2
 
 
+def test_refused_messages_are_named_by_position_so_that_a_caller_can_send_them_again(flood, amqp_channel):
+    # A queue that refuses publishes past two messages: the broker nacks the third and later ones,
+    # as a quorum queue without a leader does while a cluster node is down.
+    amqp_channel.queue_declare("tiny", durable=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
+    messages = [("tiny", body) for body in bodies(3)] + [("os2ds_nowhere", bodies(1)[0])]
+    with pytest.raises(FloodError, match="refused") as refused:
+        flood.publish_many(messages, allow_unroutable=True)
+    stats = refused.value.flood_stats
+    assert (stats.sent, stats.confirmed, stats.nacked) == (4, 3, 1)  # an unroutable message is confirmed
+    assert stats.unconfirmed(len(messages)) == [2]
+    assert stats.unconfirmed(6) == [2, 4, 5]  # and what was never sent
+
+
 def test_publish_many_routes_each_message_to_its_queue(flood, amqp_channel):
     flood.declare(["a_q", "b_q"])
     pairs = [("a_q", b) for b in bodies(7)] + [("b_q", b) for b in bodies(5)]

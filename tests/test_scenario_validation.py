@@ -287,3 +287,18 @@ def test_per_scan_holds_and_backlogs():
 def test_rebroadcast_period_is_positive():
     problems = problems_of(per_scan(admin={"rebroadcast_seconds": 0}))
     assert "admin.rebroadcast_seconds" in problems
+
+
+def test_a_consuming_tag_trigger_names_a_tag_the_scenario_announces():
+    fine = per_scan(faults=[{"kind": "abort_scan", "target": "a", "when": {"stage": "worker", "consuming_tag": "full"}}])
+    assert parse_scenario(fine).faults[0].when.consuming_tag == "full"
+    unknown = problems_of(per_scan(faults=[
+        {"kind": "abort_scan", "target": "a", "when": {"stage": "worker", "consuming_tag": "fuld"}}]))
+    assert unknown["faults.0.when.consuming_tag"] == ("no phase of this scenario is routed per scan with tag 'fuld', "
+                                                      "so the trigger would never fire; did you mean 'full'?")
+    problems = problems_of(per_scan(faults=[
+        {"kind": "abort_scan", "target": "a", "when": {"stage": "worker", "consuming_tag": "full",
+                                                       "consuming": "os2ds_conversions"}},
+        {"kind": "abort_scan", "target": "a", "when": {"consuming_tag": "full"}}]))
+    assert "not both" in problems["faults.0.when.consuming_tag"]
+    assert "needs the 'stage' that consumes" in problems["faults.1.when.stage"]

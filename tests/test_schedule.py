@@ -14,12 +14,17 @@ class State:
     counts: dict = field(default_factory=dict)
     consumers: dict = field(default_factory=dict)  # instance -> queues
     names: set = field(default_factory=set)
+    tags: dict = field(default_factory=dict)  # live per-scan queue -> its tag
+    window: float = 2.0
 
     def ready(self, queue):
         return self.counts.get(queue)
 
     def consuming(self, stage, queue):
         return any(stage_matches(stage, i) and queue in qs for i, qs in self.consumers.items())
+
+    def consuming_tag(self, stage, tag):
+        return any(self.consuming(stage, queue) for queue, queue_tag in self.tags.items() if queue_tag == tag)
 
     def happened(self, name):
         return name in self.names
@@ -42,6 +47,32 @@ def test_every_condition_of_a_trigger_must_hold():
     assert is_due(0, when, 1, state)
     state.counts["q"] = 4
     assert not is_due(0, when, 1, state)
+
+
+def test_consuming_tag_holds_while_the_stage_consumes_a_live_per_scan_queue_of_that_tag():
+    when = Trigger(stage="worker", consuming_tag="full")
+    state = State(tags={"os2ds_scan_1_a": "full", "os2ds_scan_2_b": "delta"})
+    assert not is_due(0, when, 1, state)                          # nobody consumes
+    state.consumers["worker#1"] = {"os2ds_conversions", "os2ds_scan_2_b"}
+    assert not is_due(0, when, 1, state)                          # a delta queue only
+    state.consumers["worker#1"].add("os2ds_scan_1_a")
+    assert is_due(0, when, 1, state)
+    del state.tags["os2ds_scan_1_a"]                              # deleted by the admin: no longer live
+    assert not is_due(0, when, 1, state)
+
+
+def test_a_trigger_with_for_must_hold_that_long_without_a_break():
+    from harness.scenario import Phase
+    from harness.schedule import Schedule
+
+    when = Trigger.model_validate({"stage": "worker", "consuming": "bottom", "for": {"windows": 1}})
+    schedule = Schedule.of([Phase(client="c", when=when)], [])
+    idle, busy = State(), State(consumers={"worker": {"bottom"}})
+    assert schedule.due(1.0, busy) == []          # holds from 1.0 ...
+    assert schedule.due(2.5, idle) == []          # ... broken at 2.5
+    assert schedule.due(3.0, busy) == []          # holds again from 3.0
+    assert schedule.due(4.9, busy) == []          # 1.9 s < W = 2 s
+    assert [i.label for i in schedule.due(5.0, busy)] == ["workload.0"]
 
 
 def test_a_replica_counts_for_its_stage_but_not_for_another_instance():
@@ -80,6 +111,22 @@ def test_a_hold_deepens_when_the_engine_outruns_it():
         sample += 1
     assert hold.shortfalls == 3 and hold.target == 20 * 2 ** 3
     assert hold.published == 20 + 40 + 80 + 160
+
+
+def test_a_hold_keeps_a_second_of_the_measured_consumption_queued_above_its_depth():
+    hold = HoldController("q", depth=10, until=100.0)
+    assert hold.top_up(0.0, 0, 1) == 20
+    hold.confirmed(20, sample_number=1)
+    # 0.4 s later 12 are left of 20: 8 consumed, 20 msg/s; the target becomes depth + 1 s of that.
+    assert hold.top_up(0.4, 12, 2) == 30 - 12
+    assert (hold.rate, hold.target, hold.shortfalls) == (20.0, 30, 0)
+    hold.confirmed(18, sample_number=2)
+    # A sample seen soon after the last one measured is not used: the timing of a look is not the engine's pace.
+    assert hold.top_up(0.45, 28, 3) == 0
+    assert hold.rate == 20.0
+    # 0.5 s after the measurement: 12 + 18 published - 5 left = 25 consumed, 50 msg/s, and below depth.
+    assert hold.top_up(0.9, 5, 4) == (10 + 50) * 2 - 5
+    assert (hold.rate, hold.shortfalls) == (50.0, 1)
 
 
 def test_a_hold_ends_on_time_and_caps_its_target():

@@ -58,7 +58,7 @@ def fault_family(kind: str | None) -> str | None:
         return "poison"
     if "queue" in k and ("delete" in k or "gone" in k or "drop" in k):
         return "queue_gone"
-    if "connection" in k or "reconnect" in k or "disconnect" in k or k == "kill_node":
+    if "connection" in k or "reconnect" in k or "disconnect" in k or k in ("kill_node", "restart_node"):
         return "reconnect"
     return None
 

@@ -10,7 +10,8 @@ from harness import providers
 from harness.broker import BrokerError, VhostOwner, stale_vhosts
 from harness.watchdog import process_alive
 from harness.providers import (DEFAULT_DOCKER_IMAGE, DockerProvision, DockerSpec, ProviderSettings,
-                               choose_provider, docker_engine_answers, parse_amqp_url)
+                               choose_provider, docker_engine_answers, parse_amqp_url,
+                               parse_amqp_urls)
 
 
 def choose(provider="auto", url=None, docker=False, local=False):
@@ -67,6 +68,31 @@ def test_external_url_parsing():
     for bad in ("http://u:p@h/", "amqp://h:5672/", "amqp:///"):
         with pytest.raises(BrokerError):
             parse_amqp_url(bad)
+
+
+def test_several_external_urls_are_the_nodes_of_one_cluster_and_the_first_is_the_harnesss():
+    broker = parse_amqp_urls("amqp://u:p@mq-1:5672/, amqp://u:p@mq-2:5672/,amqp://u:p@mq-3:5673/")
+    assert (broker.host, broker.amqp_port) == ("mq-1", 5672)
+    assert broker.management_url == "http://mq-1:15672"
+    assert broker.node_addresses() == [("mq-1", 5672), ("mq-2", 5672), ("mq-3", 5673)]
+    assert [n.management_url for n in broker.nodes] == ["http://mq-1:15672", "http://mq-2:15672", "http://mq-3:15672"]
+    own = parse_amqp_urls("amqp://u:p@mq-1/,amqp://u:p@mq-2/", "http://mq-1:8080/, http://mq-2:8081")
+    assert [n.management_url for n in own.nodes] == ["http://mq-1:8080", "http://mq-2:8081"]
+    single = parse_amqp_urls("amqp://u:p@mq-1/")
+    assert single.nodes == [] and single.node_addresses() == [("mq-1", 5672)]
+
+
+@pytest.mark.parametrize("urls, reason", [
+    ("", "is empty"),
+    ("amqp://u:p@mq-1/,amqp://v:p@mq-2/", "same USER:PASS"),
+    ("amqp://u:p@mq-1/,amqp://u:p@mq-1:5672/", "names a node twice"),
+    ("amqp://u:p@mq-1/,http://mq-2/", "must look like"),
+    ("amqp://u:p@mq-1/,amqp://u:p@mq-2/,amqp://u:p@mq-3/ http://a/,http://b/", "2 management APIs for 3"),
+])
+def test_a_bad_list_of_external_urls_says_what_is_wrong(urls, reason):
+    amqp, _, management = urls.partition(" ")
+    with pytest.raises(BrokerError, match=reason):
+        parse_amqp_urls(amqp, management or None)
 
 
 def test_docker_spec_uses_a_management_image_random_credentials_loopback_ports_and_the_event_plugin():

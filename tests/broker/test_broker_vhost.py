@@ -111,3 +111,24 @@ def test_a_stage_user_may_use_its_vhost_only_and_goes_with_it(vhost_factory, bro
                                                              connection_attempts=1))
     broker.management.delete_vhost(mine.name)
     assert user not in broker.management.users()
+
+
+def test_a_quorum_default_queue_type_makes_the_engines_plain_declarations_quorum_queues(broker, vhost):
+    """broker.default_queue_type: queues declared as OS2datascanner declares them (durable, no arguments)
+    become quorum queues; the harness's own exclusive and auto-delete queues stay classic; switching the
+    firehose on again (after a broker restart) keeps the default. Set before anyone connects (a 3.10
+    broker takes it only on a new vhost, which the harness then makes)."""
+    broker.management.set_default_queue_type(vhost.name, "quorum")
+    connection = pika.BlockingConnection(broker.connection_parameters(vhost.name))
+    amqp_channel = connection.channel()
+    amqp_channel.queue_declare("os2ds_conversions", durable=True)
+    amqp_channel.queue_declare("private", exclusive=True)
+    amqp_channel.queue_declare("trace", auto_delete=True, arguments={"x-queue-type": "classic"})
+    types = {q["name"]: q.get("type") for q in broker.management.queues(vhost.name)}
+    assert types == {"os2ds_conversions": "quorum", "private": "classic", "trace": "classic"}, types
+    # The engine's next declaration of its queue, without arguments, is equivalent: no channel error.
+    amqp_channel.queue_declare("os2ds_conversions", durable=True)
+    broker.management.set_tracing(vhost.name, True)
+    assert broker.management.default_queue_type(vhost.name) == "quorum"
+    assert broker.management.vhost(vhost.name)["tracing"] is True
+    connection.close()
