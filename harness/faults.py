@@ -45,7 +45,8 @@ HARNESS_FAULTS: dict[str, HarnessFault] = {f.kind: f for f in [
     HarnessFault("close_connection", "stage", "close the stage's connections from the broker's side"),
     HarnessFault("kill_stage", "stage", "SIGKILL the stage (restart: true starts it again at once)",
                  {"restart": "bool"}),
-    HarnessFault("restart_broker", None, "stop the broker node and start it again after `seconds`",
+    HarnessFault("restart_broker", None, "stop the broker node (on a local cluster: every node) and start it "
+                 "again after `seconds`",
                  {"seconds": "seconds"}),
     # A RabbitMQ cluster (--rabbitmq-nodes N): the node a stage instance is connected to.
     HarnessFault("kill_node", "stage", "SIGKILL the cluster node the stage (instance) connects to; with `seconds`, "

@@ -146,11 +146,12 @@ class LocalProvision(Provision):
             self.broker = self.cluster.start()
             self.local = self.cluster.nodes[0]
             self.revivable = False  # a dead seed takes the cluster's state with it: not brought back
+            self.broker.restart = self.cluster.restart_all  # restart_broker: the whole cluster
         else:
             self.local = LocalBroker(workdir, self.settings.start_timeout, bin_dir=self.settings.server_dir,
                                      stop_mode=self.settings.stop_mode)
             self.broker = self.local.start()
-        self.broker.restart = self.local.restart
+            self.broker.restart = self.local.restart
 
     def revive(self) -> float:
         if self.cluster is not None:

@@ -67,6 +67,21 @@ def test_an_external_cluster_is_given_as_one_url_per_node(cluster, tmp_path):
         ExternalProvision(ProviderSettings("external", f"{urls},{dead}", managements + ",http://127.0.0.1:9")).start(tmp_path)
 
 
+@pytest.mark.slow
+def test_restarting_the_whole_cluster_keeps_its_durable_queues(cluster):
+    """restart_broker on a cluster: every node down, then all started at once; they find each other again."""
+    cluster.broker.management.create_vhost("qp-cluster-restart")
+    with pika.BlockingConnection(node_broker(cluster, 1).connection_parameters("qp-cluster-restart")) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.queue_declare("kept", durable=True)
+        channel.basic_publish("", "kept", b"persistent", pika.BasicProperties(delivery_mode=2))
+    cluster.restart_all(down=0.5)
+    wait_until(lambda: len(cluster.members()) == 3, 30, "all three nodes running again")
+    with pika.BlockingConnection(node_broker(cluster, 2).connection_parameters("qp-cluster-restart")) as connection:
+        assert connection.channel().queue_declare("kept", passive=True).method.message_count == 1
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
