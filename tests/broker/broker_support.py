@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -49,7 +50,15 @@ class InnerRun:
     def popen(self, *args: str, **env: str) -> subprocess.Popen:
         return subprocess.Popen(self.command(*args), cwd=self.directory, env=inner_env(**env),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=ctrl_c_as_at_a_terminal)
+
+
+def ctrl_c_as_at_a_terminal() -> None:
+    """In the child before it runs: SIGINT does what Ctrl-C at a terminal does. A shell without job
+    control starts background commands with SIGINT ignored, and an ignored signal stays ignored through
+    exec, so a test suite started that way (``.ci/run &``) would hand its children a Ctrl-C that does
+    nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def alive(pids) -> list[int]:

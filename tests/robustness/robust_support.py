@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "broker"))
-from broker_support import alive, inner_env, inner_pytest_command, kill_pids  # noqa: E402
+from broker_support import (alive, ctrl_c_as_at_a_terminal, inner_env, inner_pytest_command,  # noqa: E402
+                            kill_pids)
 
 HERE = Path(__file__).resolve().parent
 ENGINES = HERE / "engines"
@@ -71,7 +72,7 @@ class ChildRun:
     def start(self, *args: str, **env: str) -> subprocess.Popen:
         self.popen = subprocess.Popen(self.command(*args), cwd=self.directory, env=self.env(**env),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=ctrl_c_as_at_a_terminal)
         return self.popen
 
     def env(self, **extra: str) -> dict[str, str]:
