@@ -90,7 +90,10 @@ class Ledger:
         self.redelivered: set[Key] = set()  # objects (or (scan, None) for a spec) handed out again
         self.unroutable: set[Key] = set()
         self.harness_publishes = 0  # workload messages the tracer saw the harness publish
-        self.deliveries = 0  # first deliveries to anyone: the engine is doing something new
+        # First deliveries of work (scan specs, conversions) to anyone: the engine is doing something new.
+        # Commands are left out: a stage that reconnects again and again says hello each time, and the
+        # admin's replies and the broadcast hellos are first deliveries that are no progress.
+        self.deliveries = 0
         self._unanswered: set[Key] = set()
         self._deletion_faults: dict[str, float] = {}  # queue -> first deletion fault
         self._deleted_seen: dict[str, list[float]] = {}  # queue -> its queue_deleted times
@@ -186,8 +189,8 @@ class Ledger:
             self._version += 1
 
     def _on_deliver(self, e: dict) -> None:
-        self.deliveries += not e.get("redelivered")
         msg = e.get("msg") or {}
+        self.deliveries += not e.get("redelivered") and msg.get("type") in WORKLOAD_TYPES
         if msg.get("type") == "ConversionMessage":
             key = object_key(msg.get("scan"), msg.get("object"))
             where = (e.get("queue"), key)
@@ -370,8 +373,8 @@ class LiveLedger:
             return self._ledger.answered_count(), self._ledger.owed()
 
     def activity(self) -> tuple[int, int, int]:
-        """Changes whenever the engine does something new: a first delivery to a stage, a result (a
-        message requeued and handed out again and again is no progress)."""
+        """Changes whenever the engine does something new: a first delivery of work to a stage, a result
+        (a message requeued and handed out again and again is no progress, nor are commands)."""
         with self._lock:
             return self._ledger.deliveries, self._ledger.answered_count(), self._ledger.owed()
 

@@ -238,3 +238,20 @@ def test_a_delivery_returned_by_a_pause_before_the_deletion_is_excused():
     for order in (events, list(reversed(events))):
         ledger = Ledger.of(order)
         assert ledger.lost == [("s", "b")] and ledger.dropped_by_fault == [("s", "a")]
+
+
+def test_only_new_work_and_results_are_activity_for_the_stall_rule():
+    live = LiveLedger()
+    live(plan(0, "s1", ["a", "b"]))
+    before = live.activity()
+
+    def deliver(t, message, redelivered=False, queue="conv"):
+        live(ev(t, "deliver", queue=queue, stage="worker", redelivered=redelivered, msg=message))
+
+    # A stage that reconnects again and again: hellos and the admin's replies reach every command queue.
+    deliver(1, {"type": "CommandMessage", "worker_hello": "amq.gen-1"}, queue="amq.gen-2")
+    deliver(1.1, {"type": "CommandMessage", "new_queue": "q"}, queue="amq.gen-1")
+    deliver(1.2, msg("ConversionMessage", "s1", "a"), redelivered=True)  # handed out again: no progress
+    assert live.activity() == before
+    deliver(2, msg("ConversionMessage", "s1", "b"))
+    assert live.activity() != before
