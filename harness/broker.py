@@ -96,10 +96,14 @@ class ManagementClient:
     def exchange_exists(self, vhost: str, exchange: str) -> bool:
         return self._call("GET", "exchanges", vhost, exchange, ok=(200, 404)).status_code == 200
 
-    def create_vhost(self, vhost: str, tracing: bool = True, description: str = "") -> None:
+    def create_vhost(self, vhost: str, tracing: bool = True, description: str = "", **settings: str) -> None:
         # "tracing": true switches the firehose on for the vhost (as rabbitmqctl trace_on).
-        self._call("PUT", "vhosts", vhost, json={"tracing": tracing, "description": description})
-        self._call("PUT", "permissions", vhost, self.user, json={"configure": ".*", "write": ".*", "read": ".*"})
+        self._call("PUT", "vhosts", vhost, json={"tracing": tracing, "description": description, **settings})
+        self.grant(vhost, self.user)
+
+    def grant(self, vhost: str, user: str) -> None:
+        """Every permission on ``vhost`` (and on no other) to ``user``."""
+        self._call("PUT", "permissions", vhost, user, json={"configure": ".*", "write": ".*", "read": ".*"})
 
     def set_default_queue_type(self, vhost: str, queue_type: str) -> None:
         """Queues declared in ``vhost`` without x-queue-type get ``queue_type`` from now on (RabbitMQ's
@@ -109,17 +113,16 @@ class ManagementClient:
         also update it, as ``default_queue_type``): when an update does not take, the vhost, still
         empty, is created again with it."""
         record = self.vhost(vhost) or {}
-        body = {"tracing": bool(record.get("tracing", True)), "description": record.get("description", ""),
-                "default_queue_type": queue_type, "defaultqueuetype": queue_type}
-        self._call("PUT", "vhosts", vhost, json=body)
+        tracing, description = bool(record.get("tracing", True)), record.get("description", "")
+        settings = {"default_queue_type": queue_type, "defaultqueuetype": queue_type}
+        self._call("PUT", "vhosts", vhost, json={"tracing": tracing, "description": description, **settings})
         if self.default_queue_type(vhost) == queue_type:
             return
         if self.queues(vhost):
             raise BrokerError(f"vhost {vhost!r} has queues already, and this broker sets a default queue type "
                               "only on a new vhost")
         self._call("DELETE", "vhosts", vhost, ok=(200, 204, 404))
-        self._call("PUT", "vhosts", vhost, json=body)
-        self._call("PUT", "permissions", vhost, self.user, json={"configure": ".*", "write": ".*", "read": ".*"})
+        self.create_vhost(vhost, tracing, description, **settings)
         if self.default_queue_type(vhost) != queue_type:
             raise BrokerError(f"the broker did not take default queue type {queue_type!r} for vhost {vhost!r} "
                               "(RabbitMQ 3.10 or later is needed)")
@@ -147,7 +150,7 @@ class ManagementClient:
     def create_user(self, user: str, password: str, vhost: str) -> None:
         """A user with no tags and every permission on ``vhost`` only (a stage's own broker user)."""
         self._call("PUT", "users", user, json={"password": password, "tags": ""})
-        self._call("PUT", "permissions", vhost, user, json={"configure": ".*", "write": ".*", "read": ".*"})
+        self.grant(vhost, user)
 
     def delete_user(self, user: str) -> None:
         self._call("DELETE", "users", user, ok=(200, 204, 404))

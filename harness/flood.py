@@ -124,7 +124,7 @@ class _Link:
         self.busy = False
         self.pending: collections.deque[int] = collections.deque()
         self.single: dict[int, bool] = {}
-        self.position: dict[int, int] = {}  # delivery tag -> position in the current call, until settled
+        self.first_tag = 1  # the delivery tag of the current call's first message (tags count on per channel)
         self.tag = 0
         self.stats = FloodStats()
         self.on_settled: Callable[[], None] | None = None
@@ -197,7 +197,6 @@ class _Link:
         self.tag = 0
         self.pending.clear()
         self.single.clear()
-        self.position.clear()
         self.run_until(lambda: ready["open"], timeout=self.flood.connect_timeout)
 
     def stop_loop(self) -> None:
@@ -242,13 +241,11 @@ class _Link:
             self.on_settled()
 
     def settle(self, tag: int, ok: bool) -> None:
-        position = self.position.pop(tag, None)
         if ok:
             self.stats.confirmed += 1
         else:
             self.stats.nacked += 1
-            if position is not None:
-                self.stats.nacked_at.append(position)
+            self.stats.nacked_at.append(tag - self.first_tag)
 
 
 class Flood:
@@ -373,6 +370,7 @@ class Flood:
         t0 = time.monotonic()
         try:
             link.connect()
+            link.first_tag = link.tag + 1
             self._flood(link, items, total, label, rate, properties or DATA_PROPERTIES, state, t0)
         except KeyboardInterrupt:
             link.error = "interrupted"
@@ -385,8 +383,7 @@ class Flood:
             if state["timer"] is not None and link.conn is not None:
                 link.conn.ioloop.remove_timeout(state["timer"])
             stats.seconds = time.monotonic() - t0
-            stats.unsettled_at = sorted(link.position.values())
-            link.position.clear()
+            stats.unsettled_at = [tag - link.first_tag for tag in link.pending]
             if link.cancelled or link.error:
                 # Confirms for messages in flight are lost with the connection: start afresh next time.
                 link.close()
@@ -463,7 +460,6 @@ class Flood:
                     return
                 link.tag += 1
                 link.pending.append(link.tag)
-                link.position[link.tag] = stats.sent
                 stats.sent += 1
                 per_queue[queue] = per_queue.get(queue, 0) + 1
             report()

@@ -62,12 +62,18 @@ def trigger_holds(trigger: Trigger | None, state: BrokerState) -> bool:
     return trigger.after is None or state.happened(trigger.after)
 
 
-def is_due(at: float, when: Trigger | None, elapsed: float, state: BrokerState, held: float | None = None) -> bool:
+# ``is_due``'s ``held`` when the caller has not tracked it: whether the trigger holds is looked up now.
+LOOK_NOW = -1.0
+
+
+def is_due(at: float, when: Trigger | None, elapsed: float, state: BrokerState, held: float | None = LOOK_NOW) -> bool:
     """The one rule for phases and faults: the time has come AND the trigger holds; with ``for``, it has
     held for that long (``held``: seconds it has held without a break, None = it does not hold now)."""
-    if when is not None and when.held_for is not None:
-        return elapsed >= at and held is not None and held >= when.held_for.resolve(state.window)
-    return elapsed >= at and trigger_holds(when, state)
+    if held == LOOK_NOW:
+        held = 0.0 if trigger_holds(when, state) else None
+    if held is None or elapsed < at:
+        return False
+    return when is None or when.held_for is None or held >= when.held_for.resolve(state.window)
 
 
 @dataclass(frozen=True)
