@@ -145,8 +145,9 @@ EVENT_TYPES: dict[str, dict[str, str]] = {
              "published": "(ended) messages published by the hold", "top_ups": "(ended) publishes it took",
              "shortfalls": "(ended) samples that found the queue below depth (the engine outran a top-up)",
              "final_target": "(ended) the level the hold aimed at last",
-             "rate": "(ended) the fastest consumption of the queue it measured (messages/s)", "stopped_early": "(ended) why it "
-             "ended before its time, or null"},
+             "rate": "(ended) the fastest consumption of the queue it measured (messages/s)",
+             "discarded": "(ended) its messages that belonged to an aborted scan (their drop is not counted as consumption)",
+             "stopped_early": "(ended) why it ended before its time, or null"},
     "calibration": {"stage": "the stage measured before a drain (one instance, on a vhost of its own)",
                     "queue": "the queue it consumed", "rate": "messages per second, one instance",
                     "messages": "messages the measurement spans", "seconds": "how long they took",

@@ -56,7 +56,7 @@ class Nemesis:
 
     def __init__(self, broker: Broker, vhost: str, history: HistoryWriter, launcher, observer,
                  say: Callable[[str], None], latest_scan: Callable[[str], object | None] = lambda client: None,
-                 admin=None):
+                 scan_aborted: Callable[[object], None] = lambda scan: None, admin=None):
         self.broker = broker
         self.vhost = vhost
         self.history = history
@@ -71,6 +71,7 @@ class Nemesis:
         self._broker_back_at: float | None = None
         # The latest planned scan of a client (a workload.PlannedScan), or None: what abort_scan aborts.
         self.latest_scan = latest_scan
+        self.scan_aborted = scan_aborted  # told of the scan once its abort is sent (a hold discounts it)
         self.admin = admin  # harness.admin.Admin, for the faults that act as OS2datascanner's admin
 
     def _in_background(self, work: Callable[[], None], kind: str) -> None:
@@ -235,6 +236,7 @@ class Nemesis:
             channel.exchange_declare("broadcast", "fanout", durable=True)
             channel.confirm_delivery()
             channel.basic_publish("broadcast", "", encode_body(abort), properties)
+        self.scan_aborted(scan)
 
     def _bad_command(self, fault: Fault) -> None:
         shapes = [fault.params["shape"]] if "shape" in fault.params else list(DEFAULT_BAD_COMMANDS)

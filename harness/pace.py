@@ -48,6 +48,7 @@ def _holds(history) -> list[str]:
     return [f"hold on {e.get('queue')} ({e.get('name') or e.get('phase')}): {e.get('published')} published in "
             f"{e.get('top_ups')} top-ups; {e.get('shortfalls')} sample(s) found it below {e.get('depth')}"
             + (f"; consumed at up to {e['rate']:g} msg/s, so it aimed at {e.get('final_target')}" if e.get("rate") else "")
+            + (f"; {e['discarded']} of its messages were an aborted scan's (not counted)" if e.get("discarded") else "")
             + (f"; ended early: {e['stopped_early']}" if e.get("stopped_early") else "")
             for e in history.of("hold") if e.get("state") == "ended"]
 

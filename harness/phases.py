@@ -85,6 +85,13 @@ class PhaseDriver:
                                       self._top_up(index, hold, count, samples))
         self._note_finished()
 
+    def scan_aborted(self, scan) -> None:
+        """The admin aborted ``scan``: its messages still queued will be dropped, not worked on, and a
+        hold must not take their going for the engine's pace (it would overfill the queue for the rest)."""
+        hold = self.holds.get(scan.phase)
+        if hold is not None:
+            hold.work_discarded(sum(1 for queue, _ in scan.messages if queue == hold.queue))
+
     def publishing(self) -> bool:
         now = time.monotonic()
         return (any(t.is_alive() for threads in self._threads.values() for t in threads)

@@ -138,6 +138,7 @@ class ScenarioRun:
                                [p.name for p in scenario.workload]) if ps_admin.needed(scenario) else None
         nemesis = Nemesis(self.broker, self.vhost, self.history, launcher, observer, self.say,
                           latest_scan=lambda client: self.phases.latest.get(client) if self.phases else None,
+                          scan_aborted=lambda scan: self.phases.scan_aborted(scan) if self.phases else None,
                           admin=admin)
         self.nemesis = nemesis
         reason = "error"

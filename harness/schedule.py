@@ -140,6 +140,8 @@ class HoldController:
     From each fresh sample it learns how fast the queue is consumed (what was there, plus what it
     published since, minus what is left) and keeps ``REFILL_SECONDS`` of that rate queued above
     ``depth``; when a sample still shows the queue below ``depth`` the target doubles as well.
+    Messages the engine was told to drop (``work_discarded``: an aborted scan's) leave the queue
+    far faster than work is done; their going is neither consumption nor a shortfall.
     """
 
     queue: str
@@ -151,6 +153,8 @@ class HoldController:
     shortfalls: int = 0  # fresh samples that found the queue below depth while holding
     rate: float = 0.0  # the fastest consumption seen between two samples (messages/s)
     stopped_early: str | None = None
+    discarded: int = 0  # messages of aborted scans, not counted as consumption
+    _to_discount: int = 0  # of those, how many may still be in the queue
     _in_flight: bool = False
     _fresh_after: int = -1  # sample counter that a fresh sample must exceed
     _seen_sample: int = -1
@@ -177,8 +181,9 @@ class HoldController:
             return 0  # the queue went (deleted, or its cluster node is down): no pouring work into nothing
         level = ready or 0
         if sample_number != self._seen_sample:
+            discarding = self._to_discount > 0
             self._learn_rate(now, level)
-            if self.published and level < self.depth:
+            if self.published and level < self.depth and not discarding:
                 self.shortfalls += 1
                 self.target = min(MAX_TARGET, self.target * 2)
         self._seen_sample = sample_number
@@ -198,10 +203,18 @@ class HoldController:
             if now - when < RATE_SPAN:
                 return
             consumed = before + (self.published - published) - level
+            dropped = min(max(consumed, 0), self._to_discount)
+            self._to_discount -= dropped
+            consumed -= dropped
             if consumed > 0:
                 self.rate = max(self.rate, consumed / (now - when))
                 self.target = min(MAX_TARGET, max(self.target, self.depth + math.ceil(self.rate * REFILL_SECONDS)))
         self._last = (now, level, self.published)
+
+    def work_discarded(self, count: int) -> None:
+        """``count`` of the messages this hold published belong to a scan that was just aborted."""
+        self.discarded += count
+        self._to_discount += count
 
     def confirmed(self, count: int, sample_number: int) -> None:
         """The top-up's publish finished; the next decision waits for a sample after this one."""
@@ -212,7 +225,7 @@ class HoldController:
     def summary(self) -> dict:
         return {"queue": self.queue, "depth": self.depth, "published": self.published, "top_ups": self.top_ups,
                 "shortfalls": self.shortfalls, "final_target": self.target, "rate": round(self.rate, 1),
-                "stopped_early": self.stopped_early}
+                "discarded": self.discarded, "stopped_early": self.stopped_early}
 
 
 @dataclass

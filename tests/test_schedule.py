@@ -129,6 +129,21 @@ def test_a_hold_keeps_a_second_of_the_measured_consumption_queued_above_its_dept
     assert (hold.rate, hold.shortfalls) == (50.0, 1)
 
 
+def test_an_aborted_scans_dropped_messages_are_not_taken_for_the_engines_pace():
+    hold = HoldController("q", depth=20, until=100.0)
+    assert hold.top_up(0.0, 0, 1) == 40
+    hold.confirmed(40, sample_number=1)
+    assert hold.top_up(1.0, 30, 2) == 0                   # 10 msg/s
+    assert hold.rate == 10.0
+    hold.work_discarded(30)                               # its scan is aborted: the 30 left are dropped at once
+    count = hold.top_up(1.5, 0, 3)
+    assert (hold.rate, hold.shortfalls, hold.target) == (10.0, 0, 40)
+    assert count == 40
+    hold.confirmed(40, sample_number=3)
+    assert hold.top_up(2.5, 30, 4) == 0                   # the discount is spent: new work is measured again
+    assert hold.rate == 10.0 and hold.summary()["discarded"] == 30
+
+
 def test_a_hold_ends_on_time_and_caps_its_target():
     hold = HoldController("q", depth=4000, until=1.0)
     assert hold.target == MAX_TARGET
