@@ -9,6 +9,7 @@ deleted queues never produce a finding; see each function's docstring.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 
 from harness.checkers._common import (
     OVERLAP_EPSILON, Context, covers, intersect, longer_than, median, merge, subtract,
@@ -382,7 +383,11 @@ def check_drain_order(ctx: Context) -> ClauseResult:
     consumer on a priority queue; stages whose priority queues received a publish after s are skipped
     (not a drain). Over its non-redelivered deliveries after s + W, in time order, with m the lowest
     priority index delivered so far: a delivery from q_j with j < m is a violation (q_j was not drained
-    before q_m), and so is the first delivery from q_m while any queue above it was observed non-empty.
+    before q_m), and so is the first delivery from q_m while a queue above it was observed non-empty
+    and still held messages that no stage had received yet (published there minus first deliveries
+    from it). A message the stage had already received and gave back does not count: pika nacks the
+    deliveries it has not dispatched yet when a consumer is cancelled, so moving down from a queue
+    whose last message was in flight puts that message back; QP-PRECEDENCE judges how long it waits.
     Exercised = first deliveries from a queue below the previous one (boundaries crossed)."""
     sc = ctx.scenario
     if sc is None or not sc.checks.drain:
@@ -391,14 +396,22 @@ def check_drain_order(ctx: Context) -> ClauseResult:
     findings: list[Finding] = []
     judged = 0
     last_pub: dict[str, float] = {}
+    published: Counter[str] = Counter()
     for ev in ctx.history.of("publish"):
         if ev.get("exchange", "") == "":
             last_pub[ev.get("routing_key")] = ev["t"]
+        published.update(set(ev.get("routed") or ()))
     deliveries: dict[str, list[dict]] = {}
+    first_deliveries: dict[str, list[float]] = {}  # queue -> times a message left it for the first time
     qp_names = {sv.name for sv in ctx.qp_stages}
     for ev in ctx.history.of("deliver"):
         if ev.get("stage") in qp_names:
             deliveries.setdefault(ev["stage"], []).append(ev)
+        if not ev.get("redelivered"):
+            first_deliveries.setdefault(ev.get("queue"), []).append(ev["t"])
+
+    def never_received(queue: str, t: float) -> int:
+        return published[queue] - sum(1 for when in first_deliveries.get(queue, ()) if when < t)
     skipped = 0
     for sv in ctx.qp_stages:
         pq = sv.priority
@@ -420,12 +433,15 @@ def check_drain_order(ctx: Context) -> ClauseResult:
             if k > m:
                 if m >= 0 or k > 0:
                     judged += 1
-                    waiting = [p for p in pq[:k] if covers(ctx.levels.pos.get(p, []), ev["t"])]
+                    waiting = [p for p in pq[:k]
+                               if covers(ctx.levels.pos.get(p, []), ev["t"]) and never_received(p, ev["t"]) > 0]
                     if waiting:
+                        untouched = ", ".join(f"{p}: {never_received(p, ev['t'])}" for p in waiting)
                         findings.append(Finding(
                             "QP-DRAIN-ORDER",
                             f"Stage {sv.name} received its first message from {q} at {ctx.rel(ev['t'])} while "
-                            f"higher {_queues(waiting)} still had ready messages.",
+                            f"higher {_queues(waiting)} still had ready messages that no stage had received yet "
+                            f"({untouched}).",
                             sv.name, waiting + [q], ev["t"], ev["t"] + 0.5, [ev]))
                 m = k
             elif k < m and (k, m) not in reported:

@@ -284,6 +284,36 @@ def test_drain_order_fails():
                                          "started on lower queue q1: q0 was not drained first.")
 
 
+def drain_with_levels(deliveries, publishes, levels):
+    hb = HB().stage(0, "worker")
+    for k in range(publishes["q1"]):
+        hb.publish(0.1, "q1", stage="harness")
+    for k in range(publishes["q2"]):
+        hb.publish(0.2, "q2", stage="harness")
+    hb.consume(1, "worker", "q0").levels(0, 30, levels)
+    for t, q, redelivered in deliveries:
+        hb.deliver(t, q, "worker", redelivered=redelivered)
+    return end(hb, 30)
+
+
+def test_drain_order_fails_when_a_lower_queue_is_served_before_a_higher_one_was_received():
+    deliveries = [(8, "q1", False), (9, "q1", False), (10, "q2", False), (11, "q1", False)]
+    levels = {"q0": [(0, 0)], "q1": [(0, 3), (8.01, 2), (9.01, 1), (11.01, 0)], "q2": [(0, 2), (10.01, 1)]}
+    r = judge(drain_with_levels(deliveries, {"q1": 3, "q2": 2}, levels), "QP-DRAIN-ORDER", scenario(drain=True))
+    assert r.outcome == "failed"
+    assert r.findings[0].explanation == ("Stage worker received its first message from q2 at +10.0 s while higher "
+                                         "queue q1 still had ready messages that no stage had received yet (q1: 1).")
+
+
+def test_drain_order_passes_when_the_only_ready_message_above_is_one_the_stage_gave_back():
+    # q1's last message was in flight when the stage moved down; its cancel put it back (pika nacks the
+    # deliveries it had not dispatched). Every message of q1 had been received: q1 was drained.
+    deliveries = [(8, "q1", False), (9, "q1", False), (9.5, "q2", False), (10, "q1", True), (11, "q2", False)]
+    levels = {"q0": [(0, 0)], "q1": [(0, 2), (8.01, 1), (9.01, 0), (9.2, 1), (10.01, 0)], "q2": [(0, 2)]}
+    r = judge(drain_with_levels(deliveries, {"q1": 2, "q2": 2}, levels), "QP-DRAIN-ORDER", scenario(drain=True))
+    assert r.outcome == "passed" and r.exercised == "2 queue boundaries crossed"
+
+
 def test_drain_order_not_exercised_outside_drain_scenarios():
     order = [(8, "q1"), (9, "q0")]
     assert judge(drain(order), "QP-DRAIN-ORDER").outcome == "not_exercised"
