@@ -511,9 +511,11 @@ def check_delete(ctx: Context) -> ClauseResult:
     {FAULT_EFFECT_WINDOW} s (else from the ps_delete itself), at td, for every worker alive at td
     (whether it was consuming q, had paused it, or never consumed it): (a) it does not exit before
     teardown (an exit a kill_stage fault explains excepted); (b) while its other queues (its read queues,
-    and the live per-scan queues it allows while it knew of them, as in PS-PROGRESS) had ready messages
-    after td, outside pauses by a fault, it receives a delivery at least every 2W. A (deletion, worker) pair counts as judged only when those
-    queues held ready work for {DECISIVE_WINDOWS}W in all after td; a finding fails the clause either way.
+    and the live per-scan queues it allows while it knew of them, as in PS-PROGRESS, less those it had
+    already left waiting for W up to td while free to take them: PS-PROGRESS's finding, which the deletion
+    did not cause) had ready messages after td, outside pauses by a fault, it receives a delivery at least
+    every 2W. A (deletion, worker) pair counts as judged only when those queues held ready work for
+    {DECISIVE_WINDOWS}W in all after td; a finding fails the clause either way.
     (c) A queue_created of q after td is a violation, unless the harness announced a new scan's queue
     of that name (reason scan_start) within {HARNESS_DECLARE_SLACK} s of it: only the admin declares a
     per-scan queue."""
@@ -554,7 +556,8 @@ def _judge_deletion(ctx: Context, ps: PerScan, q: PerScanQueue, td: float, sv, f
             f"{sv.name} exited (code {ex.get('returncode')}) at {ctx.rel(ex['t'])}, {ex['t'] - td:.1f} s after "
             f"{q.name} was deleted {how}.", sv.name, [q.name], td, ex["t"], [ex]))
     others = [x for x in sv.reads if x != q.name] + \
-             [p.name for p in ps.queues.values() if p.name != q.name and _allowed(sv, p.tag)]
+             [p.name for p in ps.queues.values() if p.name != q.name and _allowed(sv, p.tag)
+              and not _neglected_before(ctx, ps, sv, p, td)]
     spans = merge([iv for x in others if x not in ps.queues for iv in ctx.levels.pos.get(x, ())] +
                   [iv for x in others if x in ps.queues for iv in intersect(ps.queues[x].work, _informed(ctx, sv, x))])
     spans = subtract(intersect(spans, [(td, min(ctx.teardown, ctx.end))]), sv.excused)
@@ -574,6 +577,15 @@ def _judge_deletion(ctx: Context, ps: PerScan, q: PerScanQueue, td: float, sv, f
             f"{how}{waiting}.", sv.name, [q.name] + ([queue] if queue else []), gap[0], gap[1],
             _consumer_evidence(sv, q.name)))
     return short
+
+
+def _neglected_before(ctx: Context, ps: PerScan, sv, p: PerScanQueue, td: float) -> bool:
+    """Whether the worker had already left per-scan queue ``p`` waiting for more than W, free to take it
+    and holding no consumer on it, up to the deletion at ``td``: a silence on that work began before the
+    deletion and is PS-PROGRESS's finding, not a consequence of the deletion (one cause, one finding)."""
+    idle = subtract(intersect(p.work, _free(ctx, ps, sv, p)), sv.on(p.name))
+    idle = subtract(idle, [(t, t) for t in _deliveries(ctx).get((sv.name, p.name), [])])
+    return any(a + ctx.windows.W < td <= b for a, b in idle)
 
 
 def _how_held(sv, queue: str, t: float) -> str:

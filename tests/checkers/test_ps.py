@@ -272,6 +272,23 @@ def test_delete_not_exercised_when_the_other_work_ran_out_before_2w():
                            "12 s of work in its other queues after a deletion")
 
 
+def test_delete_leaves_work_abandoned_before_the_deletion_to_ps_progress():
+    # the worker stops serving Q8 (delta) at 12 and keeps its static queue until 40; Q7 (full, never
+    # consumed) is deleted at 30. Its silence after 40 began on Q8 before the deletion: one cause, one finding
+    hb = HB().ps_stage(0, "worker", ("delta", "full"), priority=("conv",)).hello(1.2, "worker")
+    hb.announce(10, Q7, "full").announce(10, Q8, "delta")
+    hb.consume(2, "worker", "conv").consume(11, "worker", Q8).cancel(12, "worker", Q8)
+    hb.levels(0, 75, {Q7: [(10, 30), (30.2, None)], Q8: [(10, 40)], "conv": [(2, 20), (40, 0)]})
+    hb.ps_delete(30, Q7)
+    for t in range(3, 40):
+        hb.deliver(t, "conv", "worker")
+    history = end(hb, 75)
+    assert judge(history, "PS-PROGRESS").outcome == "failed"
+    r = judge(history, "PS-DELETE")
+    assert r.outcome == "not_exercised", r.findings
+    assert "only 9.8 s of work in its other queues after the deletion" in r.exercised
+
+
 def test_delete_not_exercised_without_a_deletion():
     hb = base().consume(11, "worker", Q7).levels(0, 40, {Q7: [(10, 5)]})
     r = judge(end(hb, 40), "PS-DELETE")
