@@ -11,6 +11,7 @@ nemesis only enqueue requests (``open_scans`` and the fault helpers wait for the
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -24,11 +25,14 @@ import pika.exceptions
 from harness.history import HistoryWriter
 from harness.messages import BROADCAST_EXCHANGE, PER_SCAN_PREFIX, command, decode_body, encode_body
 
+log = logging.getLogger(__name__)
+
 # The admin's command properties (ENGINE_CONTRACT.md section 7: new_queue, delete_queue, abort).
 COMMAND_PROPERTIES = pika.BasicProperties(delivery_mode=2, content_encoding="gzip", priority=10)
 CHECK_EVERY = 0.25  # seconds between looks at the ledger for finished or aborted scans
 REQUEST_TIMEOUT = 15.0  # seconds a caller waits for the admin's thread to carry out a request
 RECONNECT_PAUSE = 0.5
+TRACE_WAIT = 5.0  # seconds the admin waits for the observer to trace a per-scan queue's deliveries
 # Scanner pks of the queues the harness announces on its own (short_scan, a stale reply's queue):
 # far above the workload's (100 * client + 1 or 2), so their names never collide with a scan's.
 FAULT_PK_BASE = 900_000
@@ -252,9 +256,11 @@ class Admin:
                 live.scans.append(scan.scan)
 
     def _declare(self, name: str) -> None:
+        # Traced before it exists: a worker may consume it the moment it is announced.
+        if not self.observer.add_queue(name, wait=TRACE_WAIT):
+            log.warning("deliveries from %s not traced yet after %g s; declaring it anyway", name, TRACE_WAIT)
         # Exactly as the admin declares it: durable, not exclusive, not auto-delete, no arguments.
         self._channel.queue_declare(name, durable=True, exclusive=False, auto_delete=False)
-        self.observer.add_queue(name)
 
     def _announce(self, live: LiveQueue, reason: str, to: str = BROADCAST_EXCHANGE) -> None:
         self.history.record("ps_announce", queue=live.name, tag=live.tag, scan=live.scans[0] if live.scans else None,

@@ -1,8 +1,9 @@
 """What the observer has seen so far, for the runner and the observer's own I/O threads.
 
 One condition guards everything here. The recorder thread is the only writer
-(the ``apply_*``, ``add_*``, ``set_*`` and ``count_*`` methods); any thread may
-read (the queries) and wait for a change (``wait_for``).
+(the ``apply_*``, ``add_*``, ``set_*`` and ``count_*`` methods), but for
+``add_queue``, which ``Observer.add_queue`` calls at once from the harness's
+threads; any thread may read (the queries) and wait for a change (``wait_for``).
 """
 from __future__ import annotations
 

@@ -249,10 +249,12 @@ class _FirehoseWorker(_Worker):
         return fresh
 
     def bind_deliveries(self, queues) -> None:
-        for name in queues:
-            if name not in self.bound:
-                self.trace_channel.queue_bind(self.observer.trace_queue, TRACE_EXCHANGE, f"deliver.{name}")
-                self.bound.add(name)
+        fresh = [name for name in dict.fromkeys(queues) if name not in self.bound]
+        for name in fresh:
+            self.trace_channel.queue_bind(self.observer.trace_queue, TRACE_EXCHANGE, f"deliver.{name}")
+            self.bound.add(name)
+        if fresh:
+            self.observer._note_traced(fresh)
 
     def _on_trace(self, channel, method, properties, body) -> None:
         self.last_message = time.monotonic()
@@ -344,8 +346,8 @@ class Observer:
     """Records broker events, the firehose and queue samples of one vhost into ``history``.
 
     Any thread may query it (``consumers_of``, ``ready``, ``wait_for`` and friends: a ``LiveView``
-    that only the recorder thread updates) and tell it things (``register_stage``, ``add_queue``,
-    ``note_broker_down``: put on the recorder's inbox, applied in order).
+    that only the recorder thread updates, but for ``add_queue``) and tell it things
+    (``register_stage``, ``note_broker_down``: put on the recorder's inbox, applied in order).
     """
 
     def __init__(self, broker, vhost_name: str, history: HistoryWriter, queues: list[str],
@@ -373,6 +375,8 @@ class Observer:
         self._broker_gone: str | None = None  # the runner's thread only (broker_problem)
         self._next_group_check = 0.0
         self._stopping = threading.Event()
+        self._traced_cond = threading.Condition()
+        self._traced: set[str] = set()  # queues whose deliveries the firehose thread has bound (add_queue waits)
         self._workers: list[_Worker] = []
         self._started = False
         self._stopped = False
@@ -390,9 +394,23 @@ class Observer:
         those of that user (else those of the process and its children)."""
         self.recorder.put("stage", stage_name, pid, user)
 
-    def add_queue(self, queue: str) -> None:
-        """Sample ``queue`` too (and trace its deliveries) from the next tick on."""
-        self.recorder.put("queue", queue)
+    def add_queue(self, queue: str, wait: float = 0.0) -> bool:
+        """Sample ``queue`` too, and trace its deliveries, from the observer threads' next turn on.
+
+        The one write to the view from outside the recorder: a queue the harness is about to create
+        may be consumed at once, and under load the recorder's inbox runs seconds behind, so a queue
+        put there missed its first deliveries (the queue list only grows: no order to keep). With
+        ``wait``, block until the firehose traces its deliveries, at most that many seconds; returns
+        whether it does."""
+        self.view.add_queue(queue, traced=queue not in self.output_queues)
+        with self._traced_cond:
+            return self._traced_cond.wait_for(lambda: queue in self._traced, timeout=wait)
+
+    def _note_traced(self, queues: list[str]) -> None:
+        """The firehose thread has bound the deliveries of ``queues``."""
+        with self._traced_cond:
+            self._traced.update(queues)
+            self._traced_cond.notify_all()
 
     def note_node_down(self, amqp_port: int) -> None:
         """A cluster node is about to be killed (kill_node): its stage connections end now."""

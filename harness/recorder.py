@@ -1,12 +1,13 @@
 """The observer's one writer: a loop that takes what the I/O threads put on its inbox and applies it.
 
 The observer's threads (event exchange, firehose, sampler) and its callers
-(``register_stage``, ``add_queue``, ``note_broker_down``) only ``put`` raw
+(``register_stage``, ``note_broker_down``) only ``put`` raw
 tuples ``(kind, *args)`` on ``Recorder.inbox``; the recorder thread takes them
 in order and dispatches each to ``on_<kind>`` (the pytest-xdist controller's
 loop). It alone writes the history, the attribution tables and the
-``LiveView`` the runner reads, so none of them needs rules about who may
-touch what.
+``LiveView`` the runner reads (but for ``Observer.add_queue``, which appends
+to its queue lists at once), so none of them needs rules about who may touch
+what.
 
 No pika here: the recorder is driven by tests without a broker.
 """
@@ -148,9 +149,6 @@ class Recorder:
 
     def on_stage(self, stage: str, pid: int, user: str | None = None) -> None:
         self.resolver.register(stage, pid, user)
-
-    def on_queue(self, name: str) -> None:
-        self.view.add_queue(name, traced=name not in self.output_queues)
 
     def on_own_port(self, port: int | None) -> None:
         if port is not None:

@@ -56,8 +56,9 @@ class FakeObserver:
     def __init__(self):
         self.queues = []
 
-    def add_queue(self, queue):
+    def add_queue(self, queue, wait=0.0):
         self.queues.append(queue)
+        return True
 
     def ready(self, queue):
         return 0

@@ -171,6 +171,22 @@ def test_firehose_publish_and_deliver_with_summaries(make_observer, make_launche
     assert not [e for e in history.events if e["type"] == "consumer_created" and e["queue"] in OUTPUT_QUEUES]
 
 
+def test_a_queue_added_by_the_harness_is_traced_from_its_first_delivery_while_the_recorder_is_behind(
+        make_observer, amqp_channel, history):
+    # Under load the recorder's inbox runs seconds behind; a per-scan queue the admin creates may be
+    # consumed at once, so add_queue must not wait for the recorder to trace it.
+    observer = make_observer([])
+    observer.recorder.on_stall = time.sleep
+    observer.recorder.put("stall", 3.0)
+    assert observer.add_queue("fresh", wait=2.0), "the firehose did not trace the queue while the recorder slept"
+    amqp_channel.queue_declare("fresh", durable=True)
+    amqp_channel.basic_publish("", "fresh", b"{}")
+    _, _, body = amqp_channel.basic_get("fresh", auto_ack=True)
+    assert body == b"{}"
+    assert observer.wait_for(lambda: of(history, "deliver", queue="fresh"), timeout=10)
+    assert observer.wait_for(lambda: observer.ready("fresh") == 0, timeout=5)
+
+
 def test_results_are_counted(make_observer, amqp_channel):
     observer = make_observer()
     matches = {"scan_spec": {"scan_tag": SCAN_TAG}, "handle": {"type": "file", "path": "a.txt"},
